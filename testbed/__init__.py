@@ -1,0 +1,1 @@
+"""testbed: real systemd hosts without Docker (systemd-nspawn over an overlay of /)."""
