@@ -109,9 +109,14 @@ def list_beds() -> list[Bed]:
 @contextlib.contextmanager
 def locked(name: str) -> Iterator[None]:
     STATE_ROOT.mkdir(parents=True, exist_ok=True)
-    with open(STATE_ROOT / f".{name}.lock", "w") as lock:
+    path = STATE_ROOT / f".{name}.lock"
+    with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+        try:
+            yield
+        finally:
+            if not (STATE_ROOT / name).exists():
+                path.unlink(missing_ok=True)  # no bed by that name: leave no trace
 
 
 def load(name: str) -> Bed:
@@ -149,7 +154,7 @@ def up(name: str, count: int, timeout: float = BOOT_TIMEOUT) -> Bed:
         try:
             _up(bed, timeout)
         except BaseException:
-            _down(bed)
+            _remove(name)
             raise
         record(bed, "up", hosts=[h.name for h in bed.hosts])
         return bed
@@ -240,9 +245,13 @@ def _boot(bed: Bed, host: Host) -> None:
         if proc.poll() is not None:
             tail = (hdir / "console.log").read_text(errors="replace").strip().splitlines()[-3:]
             raise TestbedError(f"host {host.name}: systemd-nspawn exited: {' | '.join(tail)}")
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        if children:
-            host.leader = int(children[0])
+        # nspawn forks a short-lived "outer" child first; the container's init is the child
+        # that lives in a pid namespace of its own.
+        own_ns = os.readlink("/proc/self/ns/pid")
+        for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{child}/ns/pid") != own_ns:
+                    host.leader = int(child)
         return host.leader is not None
 
     host.leader = None
@@ -275,13 +284,16 @@ def down(name: str) -> bool:
     if os.geteuid() != 0:
         raise TestbedError("testbed needs root (containers, mounts and bridges): run it as root or with sudo")
     with locked(name):
-        path = state_file(name)
-        bed = Bed.from_json(path.read_text()) if path.exists() else None
-        found = _down(bed) if bed else False
-        found = _sweep(name) or found
-        shutil.rmtree(STATE_ROOT / name, ignore_errors=True)
-        (STATE_ROOT / f".{name}.lock").unlink(missing_ok=True)
-        return found
+        return _remove(name)
+
+
+def _remove(name: str) -> bool:
+    path = state_file(name)
+    bed = Bed.from_json(path.read_text()) if path.exists() else None
+    found = _down(bed) if bed else False
+    found = _sweep(name) or found
+    shutil.rmtree(STATE_ROOT / name, ignore_errors=True)
+    return found
 
 
 def _down(bed: Bed) -> bool:

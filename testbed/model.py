@@ -27,6 +27,8 @@ _BED_NAME = re.compile(r"^[a-z][a-z0-9]{0,6}$")
 class TestbedError(Exception):
     """A problem the operator can fix; the CLI prints it as one line."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
 
 def check_bed_name(name: str) -> str:
     # Interface names are at most 15 bytes: "vb-" + "<bed>-h<NNN>" must fit.
