@@ -19,10 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGY = ROOT / "inventories" / "demo" / "topology.yml"
 
 
-def site(inventory: Path) -> tuple[int, str]:
+def site(inventory: Path, *extra: str) -> tuple[int, str]:
     """Run site.yml; return the total `changed=` of the play recap and the output."""
     bindir = Path(sys.executable).parent
-    cmd = [str(bindir / "ansible-playbook"), "-i", str(inventory), "-i", str(TOPOLOGY), "playbooks/site.yml"]
+    cmd = [str(bindir / "ansible-playbook"), "-i", str(inventory), "-i", str(TOPOLOGY), *extra]
+    cmd.append("playbooks/site.yml")
     env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -47,6 +48,10 @@ def main() -> int:
         print(f"demo: site.yml second run: changed={second}\n{recap.strip()}")
         if second != 0:
             raise TestbedError(f"site.yml is not idempotent: the second run changed {second} things")
+        checked, _ = site(inventory, "--check", "--diff")
+        print(f"demo: site.yml --check --diff: changed={checked}")
+        if checked != 0:
+            raise TestbedError(f"site.yml --check --diff would change {checked} things on a converged cloud")
         for host in tb.load(NAME).hosts:
             out = tb._ssh(tb.load(NAME), host, "id -u eucalyptus && stat -c %a /var/lib/eucalyptus")
             if out.returncode != 0 or out.stdout.split() != ["970", "700"]:
