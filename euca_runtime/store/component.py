@@ -1,0 +1,168 @@
+"""How a component plugs its own tables and change ops into the store.
+
+A component (kv, clc, walrus, sc, ...) declares:
+
+- its ORM models on its **own** declarative base, so its tables live in their own
+  `MetaData` (only they are exported in its snapshots and loaded into its cache);
+- an Alembic branch (label = the component name by default) under
+  `euca_runtime/migrations/versions` that creates those tables;
+- one *applier* per (table, op) pair. An applier gets an `ApplyContext` (an ORM session
+  inside the apply transaction) and one op dict, changes rows through the session, and
+  returns the *undo* ops that revert exactly that change (used to discard a divergent
+  suffix). Undo ops are ordinary ops of the same component.
+
+Example (the kv component is the reference)::
+
+    class ClcBase(DeclarativeBase): ...
+    CLC = register_component(ComponentSpec("clc", ClcBase.metadata))
+
+    @CLC.applier("account", "put")
+    def _put_account(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]]:
+        ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import MetaData, Table
+from sqlalchemy.orm import Session
+
+from euca_runtime.store.errors import StoreError, UnknownOp
+
+Op = Mapping[str, Any]
+"""One change op: a small dict with at least "op" and "table" keys."""
+
+PrimaryKey = tuple[Any, ...]
+
+
+@dataclass
+class ApplyContext:
+    """What an applier gets: the session of the apply transaction and the record's stamp.
+
+    Rows changed through `session` (add/delete/attribute changes) are tracked
+    automatically for the cache. An applier that changes rows with a bulk Core statement
+    must call `touch(table, pk)` for each row it changed.
+    """
+
+    session: Session
+    epoch: int
+    seq: int
+    component: ComponentSpec
+    touched: dict[str, set[PrimaryKey]] = field(default_factory=dict)
+
+    def touch(self, table: str, pk: PrimaryKey | Any) -> None:
+        """Mark a row as changed so the cache reloads it after the commit."""
+        key = pk if isinstance(pk, tuple) else (pk,)
+        self.touched.setdefault(table, set()).add(key)
+
+
+OpApplier = Callable[[ApplyContext, Op], list[dict[str, Any]]]
+"""Applies one op in the apply transaction; returns the ops that undo it."""
+
+
+class ComponentSpec:
+    """A component's tables, Alembic branch and op appliers."""
+
+    def __init__(
+        self,
+        name: str,
+        metadata: MetaData,
+        *,
+        branch: str | None = None,
+        appliers: Mapping[tuple[str, str], OpApplier] | None = None,
+        lazy_tables: Iterable[str] = (),
+    ) -> None:
+        """Declare a component.
+
+        `branch` is the Alembic branch label that creates `metadata`'s tables (defaults
+        to `name`). `lazy_tables` names tables the object cache fills on demand instead of
+        preloading at warm-up (for tables too large to hold in memory whole).
+        """
+        self.name = name
+        self.metadata = metadata
+        self.branch = branch or name
+        self._appliers: dict[tuple[str, str], OpApplier] = dict(appliers or {})
+        self.lazy_tables = frozenset(lazy_tables)
+        unknown = self.lazy_tables - set(metadata.tables)
+        if unknown:
+            raise StoreError(f"component {name}: lazy_tables not in its metadata: {sorted(unknown)}")
+
+    def __repr__(self) -> str:
+        return f"ComponentSpec({self.name!r}, tables={sorted(self.metadata.tables)})"
+
+    @property
+    def tables(self) -> list[Table]:
+        """The component's tables, parents before children (foreign-key order)."""
+        return list(self.metadata.sorted_tables)
+
+    def table(self, name: str) -> Table:
+        """One of the component's tables by name."""
+        try:
+            return self.metadata.tables[name]
+        except KeyError:
+            raise StoreError(f"component {self.name} has no table {name!r}") from None
+
+    @property
+    def appliers(self) -> Mapping[tuple[str, str], OpApplier]:
+        """The registered appliers, keyed by (table, op)."""
+        return dict(self._appliers)
+
+    def register_applier(self, table: str, op: str, fn: OpApplier) -> None:
+        """Register `fn` to apply ops {"table": table, "op": op, ...}."""
+        self.table(table)
+        self._appliers[(table, op)] = fn
+
+    def applier(self, table: str, op: str) -> Callable[[OpApplier], OpApplier]:
+        """Decorator form of `register_applier`."""
+
+        def deco(fn: OpApplier) -> OpApplier:
+            self.register_applier(table, op, fn)
+            return fn
+
+        return deco
+
+    def lookup(self, op: Op) -> OpApplier:
+        """The applier for one op; raises UnknownOp if there is none."""
+        try:
+            key = (op["table"], op["op"])
+        except (KeyError, TypeError):
+            raise UnknownOp(f"component {self.name}: malformed op {op!r}") from None
+        try:
+            return self._appliers[key]
+        except KeyError:
+            raise UnknownOp(f"component {self.name}: no applier for table={key[0]!r} op={key[1]!r}") from None
+
+    def derive(self, name: str, appliers: Mapping[tuple[str, str], OpApplier]) -> ComponentSpec:
+        """A new spec over the same tables and branch with extra or replaced appliers."""
+        merged = {**self._appliers, **appliers}
+        return ComponentSpec(
+            name, self.metadata, branch=self.branch, appliers=merged, lazy_tables=self.lazy_tables
+        )
+
+
+_REGISTRY: dict[str, ComponentSpec] = {}
+
+
+def register_component(spec: ComponentSpec) -> ComponentSpec:
+    """Make `spec` known by name (for `Store.open(url, component="name")`)."""
+    existing = _REGISTRY.get(spec.name)
+    if existing is not None and existing is not spec:
+        raise StoreError(f"component {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_component(name: str) -> ComponentSpec:
+    """A registered component by name."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise StoreError(f"unknown component {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def registered_components() -> dict[str, ComponentSpec]:
+    """Every registered component, by name."""
+    return dict(_REGISTRY)
