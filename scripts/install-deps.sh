@@ -9,6 +9,7 @@ packages=(
   openssh-client
   iproute2            # bridges, veths, tc netem
   nftables            # partitions and route cuts between testbed hosts
+  iptables            # NFQUEUE rules for the delayer (kernels without sch_netem)
   iputils-ping
   python3             # Debian's interpreter: ansible_python_interpreter on the hosts
   python3-venv

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from testbed import commands
+from testbed import commands, impair
 from testbed.model import (
     STATE_ROOT,
     Bed,
@@ -292,6 +292,7 @@ def _remove(name: str) -> bool:
     bed = Bed.from_json(path.read_text()) if path.exists() else None
     found = _down(bed) if bed else False
     found = _sweep(name) or found
+    found = bool(impair.kill_all(STATE_ROOT / name)) or found  # also when state.json was lost
     shutil.rmtree(STATE_ROOT / name, ignore_errors=True)
     return found
 
@@ -299,6 +300,7 @@ def _remove(name: str) -> bool:
 def _down(bed: Bed) -> bool:
     for host in bed.hosts:
         _kill(host)
+    impair.kill_all(bed.dir)
     run(["nft", "delete", "table", "bridge", bed.nft_table], check=False)
     return True
 
@@ -378,6 +380,7 @@ def kill(name: str, host_name: str) -> None:
         if not alive(host.leader):
             raise TestbedError(f"host {host_name} is not running (start it with `start {host_name}`)")
         _kill(host)
+        impair.clear(bed.dir, host_name, None)
         record(bed, "kill", host=host_name)
 
 
@@ -504,20 +507,20 @@ def heal(name: str) -> None:
 
 
 def apply_network(bed: Bed) -> None:
-    """Make the kernel's filters and qdiscs match bed.faults exactly."""
+    """Make the kernel's filters and link impairments match bed.faults exactly."""
     run(["nft", "-f", "-"], input=commands.nft_ruleset(bed))
     degraded = {f.args["host"]: f.args for f in bed.faults if f.kind == "degrade"}
     for host in bed.hosts:
         if not alive(host.leader):
+            impair.clear(bed.dir, host.name, None)  # stop a dead host's delayer, forget it
             continue
         assert host.leader is not None
-        # netem on what the host sends (its host0 egress), as `tc ... netem` on a real machine would.
+        # Delay/loss on what the host sends (host0 egress): netem, or the NFQUEUE delayer.
         spec = degraded.get(host.name)
         if spec is None:
-            run(commands.in_netns(host.leader, ["tc", "qdisc", "del", "dev", "host0", "root"]), check=False)
+            impair.clear(bed.dir, host.name, host.leader)
         else:
-            netem = commands.netem("host0", spec["delay_ms"], spec["loss_pct"])
-            run(commands.in_netns(host.leader, netem))
+            impair.apply(bed.dir, host.name, host.leader, spec["delay_ms"], spec["loss_pct"])
 
 
 def status(name: str | None = None) -> list[dict[str, Any]]:

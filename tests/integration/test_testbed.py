@@ -108,6 +108,24 @@ def test_isolate_cuts_a_host_from_every_other(bed):
     assert reaches(bed, "h1", "h2")
 
 
+def rtt_ms(name: str, src: str, dst: str) -> float:
+    out = ssh(name, src, f"ping -c3 -i0.2 -W2 {dst}").stdout
+    return float(out.strip().splitlines()[-1].split("=")[1].split("/")[1])  # rtt min/avg/max/mdev
+
+
+def test_degrade_delays_what_the_host_sends_and_heal_removes_it(bed):
+    tb.degrade(bed, "h1", delay_ms=60, loss_pct=0)
+    try:
+        assert rtt_ms(bed, "h1", "h2") >= 60
+        assert rtt_ms(bed, "h2", "h1") >= 60  # the replies h1 sends are delayed too
+        assert [f["kind"] for f in tb.status(bed)[0]["faults"]] == ["degrade"]
+    finally:
+        tb.heal(bed)
+    assert rtt_ms(bed, "h1", "h2") < 60
+    with pytest.raises(TestbedError, match="--loss"):
+        tb.degrade(bed, "h1", delay_ms=10, loss_pct=150)
+
+
 def test_pause_and_resume_a_process_inside_a_host(bed):
     ssh(bed, "h2", "systemd-run --unit=victim sleep 600")
     pids = tb.pause(bed, "h2", r"sleep 600$")
@@ -132,7 +150,7 @@ def test_every_fault_is_in_the_event_log(bed):
     events = [json.loads(line) for line in (STATE_ROOT / bed / "events.jsonl").read_text().splitlines()]
     verbs = [e["verb"] for e in events]
     expected = {"up", "partition", "heal", "cut-upstream", "restore-upstream", "isolate", "pause", "kill"}
-    expected.add("start")
+    expected |= {"start", "degrade"}
     assert expected <= set(verbs)
     assert all(e["ts"] > 0 and e["mono"] > 0 for e in events)
 
