@@ -56,7 +56,7 @@ down: venv
 	$(BIN)/python -m testbed down --name demo
 
 bench: deps venv
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks $(BENCH)
 
 faults: deps venv
 	$(BIN)/pytest -q tests/faults
