@@ -1,0 +1,731 @@
+"""Primary/backup log replication with fencing and state transfer (DESIGN.md section 7, I1/I2).
+
+Pure protocol core: no I/O, no clocks, no tasks. Entry points take the caller's monotonic `now`
+and message objects and return `Send(to, msg)` pairs; the durable side (state, change log,
+fence) sits behind the `ReplicaStore` protocol, which the SQLAlchemy store implements and
+`MemoryReplicaStore` implements for tests and the simulation.
+
+The log. Every write becomes a `ChangeRecord(epoch, seq, prev_epoch, ops)`: `epoch` is the
+epoch of the primary that created it, `seq` its position (1, 2, ...), `prev_epoch` the epoch of
+the record at ``seq - 1`` (0 before the first), `ops` small opaque dicts for the state machine.
+A primary creates each position at most once per epoch, and a replica accepts a record only
+when `prev_epoch` matches its own last position, so two logs holding the same ``(seq, epoch)``
+agree on everything before it (the log-matching property). A log position is the pair
+``(last_seq, last_epoch)``.
+
+Primary (`ReplicationPrimary`): appends, sends records to every member, and counts a write as
+acknowledged (`commit_seq`) only once every *required* backup acknowledged it. Required =
+the voter-recorded in-sync set, plus members of a pending in-sync proposal, plus backups that
+caught up to within `join_lag` and are on their way in. It drops a backup that made no progress
+for `drop_after` only by proposing a smaller set to the voters (`next_in_sync_proposal`); until
+the lease module reports it recorded (`on_in_sync_recorded`) it keeps waiting for that backup.
+It adds a backup only once the backup has acknowledged everything already committed.
+
+Backup (`ReplicationBackup`): fences (a message from an epoch below the highest it has seen is
+answered with `Fenced`), applies records strictly in order, buffers out-of-order ones and asks
+for catch-up on a gap or a mismatch. Catch-up is log records from its position when the
+primary's log contains that position, otherwise a state transfer: a `Snapshot` of the primary's
+whole state at ``(seq, epoch)`` that replaces the backup's state, which is how a deposed
+primary's divergent suffix (records beyond the new primary's history from an older epoch) is
+discarded. A snapshot is installed only in answer to a request made from the backup's current
+position, so a stale or duplicated one can never move a replica backwards.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from euca_runtime.lease import Send
+from euca_runtime.log import get_logger
+
+log = get_logger("replication")
+
+NEVER = float("-inf")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    epoch: int
+    seq: int
+    prev_epoch: int
+    ops: tuple[Mapping[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Whole state as of log position (seq, epoch). `state` is opaque (the state machine's)."""
+
+    seq: int
+    epoch: int
+    state: Any
+
+
+class FencedError(RuntimeError):
+    """A write stamped with an epoch lower than the highest this store has seen."""
+
+    def __init__(self, epoch: int, fence: int) -> None:
+        super().__init__(f"epoch {epoch} is fenced off (highest seen: {fence})")
+        self.epoch = epoch
+        self.fence = fence
+
+
+class ChainError(ValueError):
+    """A record that does not extend the log (wrong seq or prev_epoch)."""
+
+
+class NotReadyError(RuntimeError):
+    """The primary cannot take writes yet (its in-sync set is not recorded with the voters)."""
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    batch: int = 64
+    """Records per `Replicate` message."""
+    join_lag: int = 64
+    """A backup this close to the primary's last seq starts counting towards commits."""
+    drop_after: float = 1.0
+    """A required backup without progress for this long is proposed for removal."""
+    catch_up_retry: float = 0.5
+    """Backup: repeat an unanswered catch-up request; primary: repeat a state transfer."""
+    buffer_limit: int = 1024
+    """Out-of-order records a backup keeps while it waits for the gap to fill."""
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Replicate:
+    """Primary -> backup: records (possibly none: a heartbeat) and the primary's position."""
+
+    group: str
+    sender: str
+    epoch: int
+    records: tuple[ChangeRecord, ...]
+    last_seq: int
+    last_epoch: int
+    commit_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicateAck:
+    """Backup -> primary: my log equals yours up to `seq` (I am synced to your `epoch`)."""
+
+    group: str
+    sender: str
+    epoch: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fenced:
+    """Replica -> sender of a stale message: I have seen `epoch`, higher than yours."""
+
+    group: str
+    sender: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUpRequest:
+    """Backup -> primary (of `epoch`): send me what follows my position (last_seq, last_epoch)."""
+
+    group: str
+    sender: str
+    epoch: int
+    last_seq: int
+    last_epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateTransfer:
+    """Primary -> backup: answer to a catch-up from (for_seq, for_epoch) that the log cannot serve."""
+
+    group: str
+    sender: str
+    epoch: int
+    for_seq: int
+    for_epoch: int
+    snapshot: Snapshot
+
+
+REPLICATION_MESSAGES: tuple[type, ...] = (Replicate, ReplicateAck, Fenced, CatchUpRequest, StateTransfer)
+_BY_NAME = {cls.__name__: cls for cls in REPLICATION_MESSAGES}
+
+
+def encode(msg: Any) -> dict[str, Any]:
+    """A plain dict (msgpack/JSON-able if the ops and snapshot state are) tagged with its type."""
+    if type(msg) not in REPLICATION_MESSAGES:
+        raise TypeError(f"not a replication message: {type(msg).__name__}")
+    doc: dict[str, Any] = {"type": type(msg).__name__}
+    for name in msg.__dataclass_fields__:
+        value = getattr(msg, name)
+        if name == "records":
+            value = [[r.epoch, r.seq, r.prev_epoch, [dict(op) for op in r.ops]] for r in value]
+        elif name == "snapshot":
+            value = {"seq": value.seq, "epoch": value.epoch, "state": value.state}
+        doc[name] = value
+    return doc
+
+
+def decode(doc: Mapping[str, Any]) -> Any:
+    """Inverse of `encode`; raises ValueError on anything malformed."""
+    cls = _BY_NAME.get(str(doc.get("type")))
+    if cls is None:
+        raise ValueError(f"unknown replication message type {doc.get('type')!r}")
+    kwargs = {k: v for k, v in doc.items() if k != "type"}
+    try:
+        if "records" in kwargs:
+            kwargs["records"] = tuple(
+                ChangeRecord(int(e), int(s), int(p), tuple(dict(op) for op in ops))
+                for e, s, p, ops in kwargs["records"]
+            )
+        if "snapshot" in kwargs:
+            snap = kwargs["snapshot"]
+            kwargs["snapshot"] = Snapshot(int(snap["seq"]), int(snap["epoch"]), snap["state"])
+        return cls(**kwargs)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"bad {cls.__name__}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- storage
+
+
+class StateMachine(Protocol):
+    """What change records are applied to (the component's tables, or a dict in tests)."""
+
+    def apply(self, ops: Sequence[Mapping[str, Any]]) -> None: ...
+
+    def snapshot(self) -> Any: ...
+
+    def restore(self, state: Any) -> None: ...
+
+
+class KVStateMachine:
+    """A dict: ops ``{"op": "put", "key": k, "value": v}`` and ``{"op": "delete", "key": k}``."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def apply(self, ops: Sequence[Mapping[str, Any]]) -> None:
+        for op in ops:
+            kind = op.get("op")
+            if kind == "put":
+                self.data[op["key"]] = op["value"]
+            elif kind == "delete":
+                self.data.pop(op["key"], None)
+            else:
+                raise ValueError(f"unknown op {kind!r}")
+
+    def snapshot(self) -> Any:
+        return copy.deepcopy(self.data)
+
+    def restore(self, state: Any) -> None:
+        self.data = copy.deepcopy(dict(state))
+
+
+class ReplicaStore(Protocol):
+    """A replica's durable side: state, change log, log position and fence, updated atomically.
+
+    SQL mapping: `append` is one transaction that checks the fence (against the delivering
+    primary's epoch, see `append`) and the chain, applies the
+    ops to the component tables, inserts the change-log row and moves the position; `install`
+    replaces the tables, empties the log and sets the base position; `raise_fence` updates the
+    fence row. The log may be compacted (oldest records dropped) at any time.
+    """
+
+    @property
+    def fence_epoch(self) -> int: ...
+
+    @property
+    def last_seq(self) -> int: ...
+
+    @property
+    def last_epoch(self) -> int: ...
+
+    def raise_fence(self, epoch: int) -> None: ...
+
+    def epoch_at(self, seq: int) -> int | None:
+        """Epoch of the record at `seq` (or of the snapshot base); None if not known."""
+        ...
+
+    def records_after(self, seq: int, limit: int) -> list[ChangeRecord] | None:
+        """Up to `limit` records from ``seq + 1``; None when ``seq + 1`` was compacted away."""
+        ...
+
+    def append(self, record: ChangeRecord, stamp: int) -> None:
+        """Apply and log `record`, delivered by the primary of epoch `stamp`.
+
+        The fencing token is `stamp`, not `record.epoch`: a catch-up replays records that older
+        primaries created, and those keep their own epoch in the log. FencedError if `stamp`
+        is below the fence (then raises the fence to `stamp`), ChainError if `record` does not
+        extend the log (seq is not last + 1, or prev_epoch is not the last record's epoch).
+        """
+        ...
+
+    def snapshot(self) -> Snapshot: ...
+
+    def install(self, snapshot: Snapshot) -> None: ...
+
+
+class MemoryReplicaStore:
+    """`ReplicaStore` in memory, keeping the last `retention` records of the log."""
+
+    def __init__(self, machine: StateMachine | None = None, retention: int = 1024) -> None:
+        self.machine: StateMachine = machine if machine is not None else KVStateMachine()
+        self.retention = retention
+        self._fence = 0
+        self._base_seq = 0
+        self._base_epoch = 0
+        self._log: list[ChangeRecord] = []
+
+    @property
+    def fence_epoch(self) -> int:
+        return self._fence
+
+    @property
+    def last_seq(self) -> int:
+        return self._base_seq + len(self._log)
+
+    @property
+    def last_epoch(self) -> int:
+        return self._log[-1].epoch if self._log else self._base_epoch
+
+    @property
+    def state(self) -> Any:
+        """The KV dict when the machine is a `KVStateMachine` (tests, simulation)."""
+        return getattr(self.machine, "data", None)
+
+    def raise_fence(self, epoch: int) -> None:
+        self._fence = max(self._fence, epoch)
+
+    def epoch_at(self, seq: int) -> int | None:
+        if seq == self._base_seq:
+            return self._base_epoch
+        if self._base_seq < seq <= self.last_seq:
+            return self._log[seq - self._base_seq - 1].epoch
+        return None
+
+    def records_after(self, seq: int, limit: int) -> list[ChangeRecord] | None:
+        if seq < self._base_seq or seq > self.last_seq:
+            return None
+        start = seq - self._base_seq
+        return self._log[start : start + limit]
+
+    def append(self, record: ChangeRecord, stamp: int) -> None:
+        if stamp < self._fence:
+            raise FencedError(stamp, self._fence)
+        if record.epoch > stamp:
+            raise ChainError(f"record of epoch {record.epoch} delivered under older epoch {stamp}")
+        if record.seq != self.last_seq + 1 or record.prev_epoch != self.last_epoch:
+            raise ChainError(
+                f"record ({record.seq}, {record.epoch}) prev {record.prev_epoch} does not follow "
+                f"({self.last_seq}, {self.last_epoch})"
+            )
+        self.machine.apply(record.ops)
+        self._fence = max(self._fence, stamp)
+        self._log.append(record)
+        if len(self._log) > self.retention:
+            dropped = self._log[: len(self._log) - self.retention]
+            self._log = self._log[len(dropped) :]
+            self._base_seq, self._base_epoch = dropped[-1].seq, dropped[-1].epoch
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.last_seq, self.last_epoch, self.machine.snapshot())
+
+    def install(self, snapshot: Snapshot) -> None:
+        self.machine.restore(snapshot.state)
+        self._log = []
+        self._base_seq, self._base_epoch = snapshot.seq, snapshot.epoch
+
+
+# --------------------------------------------------------------------------- primary
+
+
+@dataclass
+class _Peer:
+    acked: int = -1
+    """Highest seq acknowledged under our epoch; -1 until the backup proved it is synced."""
+    sent_upto: int = -1
+    last_progress: float = NEVER
+    behind_since: float | None = None
+    snapshot_sent_at: float = NEVER
+    snapshot_for: tuple[int, int] | None = None
+
+
+class ReplicationPrimary:
+    """The writer's side of replication for one group at one epoch.
+
+    Create it when the lease is won (it raises the store's fence to `epoch`), feed it acks and
+    catch-up requests, call `tick` periodically, and after every call pass
+    `next_in_sync_proposal()` (when not None) to `Candidate.propose_in_sync` and report the
+    voters' confirmation back through `on_in_sync_recorded`. A write may be acknowledged to its
+    client once `commit_seq` reaches its record's seq. Discard the object on step-down.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        group: str,
+        epoch: int,
+        store: ReplicaStore,
+        members: Iterable[str],
+        config: ReplicationConfig | None = None,
+        now: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.group = group
+        self.epoch = epoch
+        self.store = store
+        self.config = config or ReplicationConfig()
+        store.raise_fence(epoch)
+        if store.fence_epoch != epoch:
+            raise FencedError(epoch, store.fence_epoch)
+        self.peers: dict[str, _Peer] = {}
+        self.recorded: frozenset[str] | None = None
+        self.proposed: frozenset[str] | None = None
+        self.joined: set[str] = set()
+        self.set_members(members, now)
+        self.commit_seq = store.last_seq
+
+    # -- membership
+
+    def set_members(self, members: Iterable[str], now: float) -> None:
+        """The group's registered instances (registration/deregistration changes it)."""
+        wanted = sorted(set(members) - {self.name})
+        for m in wanted:
+            self.peers.setdefault(m, _Peer(last_progress=now))
+        for m in [m for m in self.peers if m not in wanted]:
+            del self.peers[m]
+            self.joined.discard(m)
+
+    @property
+    def ready(self) -> bool:
+        """May take writes: the voters recorded an in-sync set that contains us."""
+        return self.recorded is not None and self.name in self.recorded
+
+    def required(self) -> set[str]:
+        """Backups whose ack every new write waits for."""
+        req = set(self.joined)
+        for s in (self.recorded, self.proposed):
+            if s is not None:
+                req |= s
+        req.discard(self.name)
+        return req
+
+    def lag(self, member: str) -> int | None:
+        """Change records `member` is behind (None if unknown)."""
+        peer = self.peers.get(member)
+        if peer is None or peer.acked < 0:
+            return None
+        return self.store.last_seq - peer.acked
+
+    def _dead(self, member: str, now: float) -> bool:
+        peer = self.peers.get(member)
+        if peer is None:
+            return True
+        return peer.behind_since is not None and now - peer.behind_since >= self.config.drop_after
+
+    def next_in_sync_proposal(self, now: float) -> frozenset[str] | None:
+        """The in-sync set to propose to the voters now, if it should change (marks it pending)."""
+        if self.proposed is not None:
+            return None
+        if self.recorded is None:
+            desired = {self.name}
+        else:
+            desired = {m for m in self.recorded if m == self.name or not self._dead(m, now)}
+            desired |= {m for m in self.joined if self.peers[m].acked >= self.commit_seq}
+            desired.add(self.name)
+        if self.recorded is not None and desired == self.recorded:
+            return None
+        self.proposed = frozenset(desired)
+        return self.proposed
+
+    def on_in_sync_recorded(self, members: Iterable[str]) -> list[int]:
+        """The voters recorded `members` (a majority): adopt it. Returns newly committed seqs."""
+        self.recorded = frozenset(members)
+        if self.proposed == self.recorded:
+            self.proposed = None
+        self.joined -= self.recorded
+        return self._advance_commit()
+
+    # -- writes
+
+    def append(self, ops: Sequence[Mapping[str, Any]], now: float) -> tuple[ChangeRecord, list[Send]]:
+        """Log and apply a write; returns its record and the messages replicating it."""
+        if not self.ready:
+            raise NotReadyError(f"{self.group}: in-sync set not recorded yet")
+        store = self.store
+        rec = ChangeRecord(self.epoch, store.last_seq + 1, store.last_epoch, tuple(dict(op) for op in ops))
+        store.append(rec, self.epoch)
+        required = self.required()
+        out: list[Send] = []
+        for name, peer in self.peers.items():
+            if name in required and peer.behind_since is None:
+                peer.behind_since = now
+            if peer.acked >= 0 and peer.sent_upto == rec.seq - 1:
+                peer.sent_upto = rec.seq
+                out.append(Send(name, self._replicate((rec,))))
+        self._advance_commit()
+        return rec, out
+
+    def _replicate(self, records: tuple[ChangeRecord, ...]) -> Replicate:
+        s = self.store
+        return Replicate(
+            self.group, self.name, self.epoch, records, s.last_seq, s.last_epoch, self.commit_seq
+        )
+
+    def _advance_commit(self) -> list[int]:
+        if not self.ready:
+            return []
+        new = self.store.last_seq
+        for m in self.required():
+            peer = self.peers.get(m)
+            new = min(new, peer.acked if peer is not None else -1)
+        if new <= self.commit_seq:
+            return []
+        done = list(range(self.commit_seq + 1, new + 1))
+        self.commit_seq = new
+        return done
+
+    # -- messages from backups
+
+    def on_ack(self, msg: ReplicateAck, now: float) -> list[Send]:
+        peer = self.peers.get(msg.sender)
+        if peer is None or msg.epoch != self.epoch:
+            return []
+        last = self.store.last_seq
+        seq = min(msg.seq, last)
+        if seq > peer.acked:
+            peer.acked = seq
+            peer.last_progress = now
+            peer.behind_since = None if seq >= last else now
+        elif seq >= last:
+            peer.behind_since = None
+        peer.sent_upto = max(peer.sent_upto, peer.acked)
+        if msg.sender not in self.required() and peer.acked >= last - self.config.join_lag:
+            self.joined.add(msg.sender)
+        self._advance_commit()
+        if peer.acked < last and peer.sent_upto <= peer.acked:
+            return self._send_from(msg.sender, peer)
+        return []
+
+    def _send_from(self, name: str, peer: _Peer) -> list[Send]:
+        recs = self.store.records_after(peer.acked, self.config.batch)
+        if not recs:
+            return []
+        peer.sent_upto = recs[-1].seq
+        return [Send(name, self._replicate(tuple(recs)))]
+
+    def on_catch_up(self, msg: CatchUpRequest, now: float) -> list[Send]:
+        peer = self.peers.get(msg.sender)
+        if peer is None or msg.epoch != self.epoch:
+            return []
+        store = self.store
+        if msg.last_seq <= store.last_seq and store.epoch_at(msg.last_seq) == msg.last_epoch:
+            recs = store.records_after(msg.last_seq, self.config.batch)
+            if recs is not None:
+                if recs:
+                    peer.sent_upto = max(peer.sent_upto, recs[-1].seq)
+                return [Send(msg.sender, self._replicate(tuple(recs)))]
+        position = (msg.last_seq, msg.last_epoch)
+        if peer.snapshot_for == position and now - peer.snapshot_sent_at < self.config.catch_up_retry:
+            return []
+        peer.snapshot_for, peer.snapshot_sent_at = position, now
+        log.info(
+            "state transfer",
+            extra={"group": self.group, "epoch": self.epoch, "peer": msg.sender, "from_seq": msg.last_seq},
+        )
+        return [
+            Send(
+                msg.sender,
+                StateTransfer(
+                    self.group, self.name, self.epoch, msg.last_seq, msg.last_epoch, store.snapshot()
+                ),
+            )
+        ]
+
+    def tick(self, now: float) -> list[Send]:
+        """Heartbeat every member, resend what is unacknowledged, forget dead joiners."""
+        out: list[Send] = []
+        pinned = (self.recorded or frozenset()) | (self.proposed or frozenset())
+        required = self.required()
+        for name, peer in self.peers.items():
+            if name in self.joined and name not in pinned and self._dead(name, now):
+                self.joined.discard(name)
+                peer.behind_since = None
+            elif name in required and peer.behind_since is None and peer.acked < self.store.last_seq:
+                peer.behind_since = now
+            recs = None
+            if 0 <= peer.acked < self.store.last_seq:
+                recs = self.store.records_after(peer.acked, self.config.batch)
+            if recs:
+                peer.sent_upto = recs[-1].seq
+                out.append(Send(name, self._replicate(tuple(recs))))
+            else:
+                out.append(Send(name, self._replicate(())))
+        self._advance_commit()
+        return out
+
+
+# --------------------------------------------------------------------------- backup
+
+
+class ReplicationBackup:
+    """A replica's side of replication for one group: fencing, ordered apply, catch-up."""
+
+    def __init__(
+        self, name: str, group: str, store: ReplicaStore, config: ReplicationConfig | None = None
+    ) -> None:
+        self.name = name
+        self.group = group
+        self.store = store
+        self.config = config or ReplicationConfig()
+        self.synced_epoch = 0
+        """Epoch of the primary whose log ours is verified to be a prefix of (volatile)."""
+        self.primary: str | None = None
+        self.last_heard = NEVER
+        self._buffer: dict[int, ChangeRecord] = {}
+        self._asked: tuple[int, int, int] | None = None
+        self._asked_at = NEVER
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.store.last_seq, self.store.last_epoch)
+
+    def _fence(self, sender: str, epoch: int) -> list[Send] | None:
+        """Reject a stale epoch; raise the durable fence for a newer one."""
+        fence = self.store.fence_epoch
+        if epoch < fence:
+            return [Send(sender, Fenced(self.group, self.name, fence))]
+        if epoch > fence:
+            self.store.raise_fence(epoch)
+        if epoch != self.synced_epoch:
+            self._buffer.clear()
+        return None
+
+    def on_replicate(self, msg: Replicate, now: float) -> list[Send]:
+        rejected = self._fence(msg.sender, msg.epoch)
+        if rejected is not None:
+            return rejected
+        self.primary, self.last_heard = msg.sender, now
+        need_catch_up = False
+        for rec in sorted(msg.records, key=lambda r: r.seq):
+            if not self._offer(rec, msg.epoch):
+                need_catch_up = True
+        self._drain(msg.epoch)
+        store = self.store
+        if not msg.records:
+            if self.position == (msg.last_seq, msg.last_epoch):
+                self.synced_epoch = msg.epoch
+            elif self.synced_epoch != msg.epoch or store.last_seq < msg.last_seq:
+                need_catch_up = True
+        elif self.synced_epoch == msg.epoch and store.last_seq < msg.last_seq and self._buffer:
+            need_catch_up = True
+        out: list[Send] = []
+        if self.synced_epoch == msg.epoch:
+            out.append(Send(msg.sender, ReplicateAck(self.group, self.name, msg.epoch, store.last_seq)))
+        if need_catch_up:
+            out += self._ask(msg.sender, msg.epoch, now)
+        return out
+
+    def _offer(self, rec: ChangeRecord, epoch: int) -> bool:
+        """Take one record from the primary of `epoch`; False when catch-up is needed."""
+        store = self.store
+        if rec.epoch > epoch:
+            return True  # malformed: a primary never sends records from the future
+        last = store.last_seq
+        if rec.seq == last + 1:
+            if rec.prev_epoch != store.last_epoch:
+                return False  # our last record is not theirs: divergent suffix
+            store.append(rec, epoch)
+            self.synced_epoch = epoch
+            return True
+        if rec.seq <= last:
+            mine = store.epoch_at(rec.seq)
+            if mine == rec.epoch:
+                if rec.seq == last:
+                    self.synced_epoch = epoch  # our last record is theirs: the whole log matches
+                return self.synced_epoch == epoch
+            # Either compacted away (harmless if already synced) or a conflicting record.
+            return mine is None and self.synced_epoch == epoch
+        # A gap: keep it for later if we are in step with this primary.
+        if self.synced_epoch == epoch and len(self._buffer) < self.config.buffer_limit:
+            self._buffer[rec.seq] = rec
+        return False
+
+    def _drain(self, epoch: int) -> None:
+        while self._buffer and self.synced_epoch == epoch:
+            rec = self._buffer.pop(self.store.last_seq + 1, None)
+            if rec is None:
+                self._buffer = {s: r for s, r in self._buffer.items() if s > self.store.last_seq}
+                return
+            if not self._offer(rec, epoch):
+                self._buffer.clear()
+                return
+
+    def _ask(self, primary: str, epoch: int, now: float) -> list[Send]:
+        seq, last_epoch = self.position
+        key = (epoch, seq, last_epoch)
+        if self._asked == key and now - self._asked_at < self.config.catch_up_retry:
+            return []
+        self._asked, self._asked_at = key, now
+        return [Send(primary, CatchUpRequest(self.group, self.name, epoch, seq, last_epoch))]
+
+    def on_state_transfer(self, msg: StateTransfer, now: float) -> list[Send]:
+        rejected = self._fence(msg.sender, msg.epoch)
+        if rejected is not None:
+            return rejected
+        if (msg.for_seq, msg.for_epoch) != self.position:
+            return []  # answers a request from a position we have left: stale or duplicated
+        self.store.install(msg.snapshot)
+        self.synced_epoch = msg.epoch
+        self.primary, self.last_heard = msg.sender, now
+        self._buffer.clear()
+        self._asked = None
+        log.info(
+            "state transfer installed",
+            extra={"group": self.group, "epoch": msg.epoch, "peer": msg.sender, "seq": msg.snapshot.seq},
+        )
+        return [Send(msg.sender, ReplicateAck(self.group, self.name, msg.epoch, self.store.last_seq))]
+
+    def handle(self, msg: Any, now: float) -> list[Send]:
+        if isinstance(msg, Replicate):
+            return self.on_replicate(msg, now)
+        if isinstance(msg, StateTransfer):
+            return self.on_state_transfer(msg, now)
+        raise TypeError(f"backup cannot handle {type(msg).__name__}")
+
+
+def kv_put(key: str, value: Any) -> dict[str, Any]:
+    """The op `KVStateMachine` understands for a put."""
+    return {"op": "put", "key": key, "value": value}
+
+
+__all__ = [
+    "CatchUpRequest",
+    "ChainError",
+    "ChangeRecord",
+    "Fenced",
+    "FencedError",
+    "KVStateMachine",
+    "MemoryReplicaStore",
+    "NotReadyError",
+    "ReplicaStore",
+    "Replicate",
+    "ReplicateAck",
+    "ReplicationBackup",
+    "ReplicationConfig",
+    "ReplicationPrimary",
+    "Send",
+    "Snapshot",
+    "StateMachine",
+    "StateTransfer",
+    "kv_put",
+]
