@@ -19,15 +19,16 @@ Example (every key shown; the optional ones with their defaults)::
     timing:                           # seconds
       heartbeat_interval: 0.1
       suspect_after: 1.0
-      lease_duration: 2.0
-      renew_interval: 0.5
-      drift_margin: 0.1
+      lease_duration: 1.0
+      renew_interval: 0.25
+      drift_margin: 0.05
     routes:                           # arbitrator routes
       - name: users
         targets: [{icmp: 192.0.2.1}, {tcp: "192.0.2.2:443"}]
         threshold: 3                  # consecutive failed rounds before the route is down
         interval: 1.0
-    api: {iam: 10.0.0.11:8773, ec2: 10.0.0.11:8774, s3: 10.0.0.11:8775}   # each optional
+    api: {iam: 10.0.0.11:8773, ec2: 10.0.0.11:8774, s3: 10.0.0.11:8775,   # each optional
+          kv: 10.0.0.11:8776}
     bus: {max_frame_bytes: 16777216, queue_size: 1024, connect_timeout: 2.0,
           idle_timeout: 5.0, idempotency_ttl: 120.0, idempotency_entries: 10000}
     log_level: info
@@ -58,7 +59,7 @@ PARTITIONED = frozenset({"sc", "cc", "nc"})  # one per cluster: partition requir
 CLOUD_SCOPED = frozenset({"clc", "walrus", "arbitrator"})  # partition forbidden; kv: optional
 ROLES = ("auto", "primary", "backup")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-API_NAMES = ("iam", "ec2", "s3")
+API_NAMES = ("iam", "ec2", "s3", "kv")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -108,9 +109,9 @@ class Timing:
 
     heartbeat_interval: float = 0.1
     suspect_after: float = 1.0
-    lease_duration: float = 2.0
-    renew_interval: float = 0.5
-    drift_margin: float = 0.1
+    lease_duration: float = 1.0  # kill -9 of a holder: failover p50 < 1 s even without a death certificate
+    renew_interval: float = 0.25
+    drift_margin: float = 0.05  # >= 2 * 1% drift * duration, with room to spare
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ class ApiListeners:
     iam: Address | None = None
     ec2: Address | None = None
     s3: Address | None = None
+    kv: Address | None = None  # the internal kv service's HTTP API (tests, benchmarks)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,266 @@
+"""``eucactl``: the operator's command line, over a runtime process's admin API.
+
+Where the cloud is (first that applies):
+
+- ``--dir DIR``: a local cloud made by ``euca-runtime up`` (DIR/cloud.json, DIR/admin.token);
+- ``--config FILE``: a runtime configuration; its ``admin`` address, and the token in
+  ``<data_dir>/admin.token``;
+- ``EUCA_ADMIN_URL`` (or ``EUCA_ADMIN_URLS``, space-separated) and ``EUCA_ADMIN_TOKEN`` or
+  ``EUCA_ADMIN_TOKEN_FILE`` (what ``source DIR/eucarc`` sets);
+- ``--admin-url`` / ``--token-file`` override either.
+
+Every admin URL is tried in turn until one answers, so the tool keeps working while a node
+is down. Commands:
+
+- ``describe-services [-o table|json] [--events]``: every service instance; ``-o json`` is a
+  JSON array of objects with at least name, type, partition, host, node, state, epoch,
+  in_sync, lag, heartbeat_age_ms (a contract). ``--events`` adds the state transitions and
+  their causes (``{"services": [...], "events": [...]}`` with ``-o json``).
+- ``modify-service NAME --state ENABLED|DISABLED|STOPPED``: takes effect or fails with a reason
+  (exit status 1); an operator's STOPPED survives restarts.
+- ``switchover GROUP --to NAME``: planned hand-over of a group's primary role.
+- ``register NAME [--type T] [--partition P] [--node N] [--host H]`` / ``deregister NAME``.
+- ``force-promote NAME --accept-data-loss``: promote an instance outside the in-sync set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
 import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+COLUMNS = (
+    "name",
+    "type",
+    "partition",
+    "node",
+    "host",
+    "state",
+    "epoch",
+    "in_sync",
+    "lag",
+    "heartbeat_age_ms",
+)
 
 
-def main() -> int:
-    print("not yet", file=sys.stderr)
-    return 2
+class CtlError(Exception):
+    """A failed command; the message is printed and the exit status is 1."""
+
+
+class Client:
+    """The admin API of a cloud, through whichever of its admin URLs answers."""
+
+    def __init__(self, urls: list[str], token: str) -> None:
+        if not urls:
+            raise CtlError("no admin URL: pass --dir, --config or set EUCA_ADMIN_URL")
+        self.urls = urls
+        self.token = token
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
+        errors = []
+        for url in self.urls:
+            data = None if body is None else json.dumps(body).encode()
+            req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method)
+            req.add_header("Authorization", f"Bearer {self.token}")
+            if data is not None:
+                req.add_header("Content-Type", "application/json")
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    return json.loads(resp.read() or b"null")
+            except urllib.error.HTTPError as exc:
+                try:
+                    doc = json.loads(exc.read() or b"{}")
+                    reason = f"{doc.get('error', exc.code)}: {doc.get('message', exc.reason)}"
+                except (json.JSONDecodeError, AttributeError):
+                    reason = f"HTTP {exc.code} {exc.reason}"
+                if exc.code in (502, 503, 504):
+                    errors.append(f"{url}: {reason}")
+                    continue
+                raise CtlError(reason) from None
+            except (OSError, json.JSONDecodeError) as exc:
+                errors.append(f"{url}: {exc}")
+        raise CtlError("no admin endpoint answered: " + "; ".join(errors))
+
+
+def _client(args: argparse.Namespace) -> Client:
+    urls: list[str] = []
+    token: str | None = None
+    if args.dir:
+        root = Path(args.dir)
+        try:
+            layout = json.loads((root / "cloud.json").read_text())
+            token = (root / "admin.token").read_text().strip()
+        except OSError as exc:
+            raise CtlError(f"{root}: not a local cloud directory ({exc})") from None
+        urls = [n["admin"] for n in layout["nodes"].values()]
+    elif args.config:
+        from euca_runtime.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            raise CtlError(str(exc)) from None
+        urls = [f"http://{cfg.admin}"]
+        token_file = cfg.data_dir / "admin.token"
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise CtlError(f"cannot read the admin token: {exc}") from None
+    else:
+        env_urls = os.environ.get("EUCA_ADMIN_URLS") or os.environ.get("EUCA_ADMIN_URL") or ""
+        urls = env_urls.split()
+        token = os.environ.get("EUCA_ADMIN_TOKEN")
+        token_file = os.environ.get("EUCA_ADMIN_TOKEN_FILE")
+        if token is None and token_file:
+            try:
+                token = Path(token_file).read_text().strip()
+            except OSError as exc:
+                raise CtlError(f"cannot read the admin token: {exc}") from None
+    if args.admin_url:
+        urls = [args.admin_url]
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise CtlError(f"cannot read the admin token: {exc}") from None
+    if not token:
+        raise CtlError("no admin token: pass --dir, --config, --token-file or set EUCA_ADMIN_TOKEN_FILE")
+    return Client(urls, token)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = [*COLUMNS, "cause"]
+    header = [c.upper() for c in cols]
+
+    def cell(r: dict[str, Any], c: str) -> str:
+        v = r.get(c)
+        if v is None:
+            return "-"
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, float):
+            return f"{v:.0f}"
+        return str(v)
+
+    body = [[cell(r, c) for c in cols] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+    lines = [
+        "  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]
+    ]
+    return "\n".join(lines)
+
+
+def _events_table(events: list[dict[str, Any]]) -> str:
+    import time
+
+    out = []
+    for e in events:
+        ts = (
+            time.strftime("%H:%M:%S", time.localtime(e.get("ts", 0)))
+            + f".{int((e.get('ts', 0) % 1) * 1000):03d}"
+        )
+        change = f"{e.get('old')} -> {e.get('new')}" if e.get("old") != e.get("new") else "event"
+        out.append(
+            f"{ts}  {e.get('node')}  {e.get('service')}  {change}  epoch={e.get('epoch')}  {e.get('cause')}"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eucactl", description="Operate a euca-ha cloud.")
+    parser.add_argument("--dir", help="a local cloud made by `euca-runtime up`")
+    parser.add_argument("--config", help="a runtime configuration file (admin address and token)")
+    parser.add_argument("--admin-url", help="an admin URL (overrides the rest)")
+    parser.add_argument("--token-file", help="the admin token file (overrides the rest)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("describe-services", help="list every service instance and its state")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument("--events", action="store_true", help="also show state transitions and causes")
+    p = sub.add_parser("modify-service", help="set an instance ENABLED, DISABLED or STOPPED")
+    p.add_argument("name")
+    p.add_argument("--state", required=True, type=str.upper, choices=("ENABLED", "DISABLED", "STOPPED"))
+    p.add_argument("--timeout", type=float, default=15.0)
+    p = sub.add_parser("switchover", help="hand a group's primary role to an in-sync instance")
+    p.add_argument("group", help="e.g. kv, clc, sc/cluster01")
+    p.add_argument("--to", required=True, help="the instance to make ENABLED")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p = sub.add_parser("register", help="register a service instance")
+    p.add_argument("name")
+    p.add_argument("--type")
+    p.add_argument("--partition")
+    p.add_argument("--node")
+    p.add_argument("--host")
+    p = sub.add_parser("deregister", help="deregister (and stop) a service instance")
+    p.add_argument("name")
+    p = sub.add_parser("force-promote", help="promote an instance that may lack acknowledged writes")
+    p.add_argument("name")
+    p.add_argument("--accept-data-loss", action="store_true", required=True)
+    args = parser.parse_args(argv)
+
+    try:
+        client = _client(args)
+        if args.cmd == "describe-services":
+            doc = client.call("GET", "/v1/services" + ("?events=1" if args.events else ""), timeout=10.0)
+            rows = doc["services"]
+            if args.output == "json":
+                print(
+                    json.dumps(
+                        {"services": rows, "events": doc.get("events", [])} if args.events else rows, indent=2
+                    )
+                )
+            else:
+                print(_table(rows))
+                if args.events:
+                    print()
+                    print(_events_table(doc.get("events", [])))
+            return 0
+        if args.cmd == "modify-service":
+            res = client.call(
+                "POST",
+                f"/v1/services/{args.name}",
+                {"state": args.state, "timeout": args.timeout},
+                timeout=args.timeout + 10.0,
+            )
+            print(f"{res['name']}: {res.get('previous', '?')} -> {res['state']}")
+            return 0
+        if args.cmd == "switchover":
+            res = client.call(
+                "POST",
+                "/v1/switchover",
+                {"group": args.group, "to": args.to, "timeout": args.timeout},
+                timeout=args.timeout + 10.0,
+            )
+            print(f"{res['group']}: {res['from']} -> {res['to']} ({res['state']})")
+            return 0
+        if args.cmd == "register":
+            body = {
+                k: getattr(args, k) for k in ("name", "type", "partition", "node", "host") if getattr(args, k)
+            }
+            res = client.call("POST", "/v1/register", body, timeout=20.0)
+            print(f"{res['name']}: registered")
+            return 0
+        if args.cmd == "deregister":
+            res = client.call("POST", "/v1/deregister", {"name": args.name}, timeout=20.0)
+            print(f"{res['name']}: deregistered")
+            return 0
+        if args.cmd == "force-promote":
+            res = client.call(
+                "POST", "/v1/force-promote", {"name": args.name, "accept_data_loss": True}, timeout=30.0
+            )
+            print(f"{res['name']}: {res['state']} (epoch {res.get('epoch', '?')})")
+            return 0
+    except CtlError as exc:
+        print(f"eucactl {args.cmd}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

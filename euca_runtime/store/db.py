@@ -537,10 +537,16 @@ class Store:
                 log.info("fence raised", extra={"group": self.group, "epoch": epoch})
             return f.epoch
 
-    def apply(self, epoch: int, seq: int, ops: Sequence[Op]) -> ApplyResult:
+    def apply(self, epoch: int, seq: int, ops: Sequence[Op], *, stamp: int | None = None) -> ApplyResult:
         """Apply change record (epoch, seq, ops) in one transaction with its log entry and fence.
 
-        Raises `StaleEpoch` if `epoch` is below the fence, `GapError` if `seq` is not the
+        `stamp` is the fencing token: the epoch of the primary *delivering* the record
+        (defaults to `epoch`). A catch-up replays records that older primaries created under
+        the current primary's stamp; they keep their own `epoch` in the log, and the fence
+        is checked against and raised to `stamp` (the `ReplicaStore.append` contract of
+        `euca_runtime.replication`). A record from the future (`epoch > stamp`) is refused.
+
+        Raises `StaleEpoch` if the stamp is below the fence, `GapError` if `seq` is not the
         next one, `Divergence` if a record with another epoch is already at `seq`,
         `UnknownOp` (or the applier's own error) if an op cannot be applied; in every case
         nothing is changed. Re-applying a record already applied returns
@@ -550,17 +556,20 @@ class Store:
         spec = self._require_component()
         if seq < 1:
             raise StoreError(f"seq must be >= 1, got {seq}")
+        token = epoch if stamp is None else stamp
+        if epoch > token:
+            raise StoreError(f"record of epoch {epoch} delivered under the older epoch {token}")
         op_list = [dict(op) for op in ops]
         blob = _pack(op_list)
         with self._lock:
             with self._sessions() as session, session.begin():
                 f = self._fence_row(session, lock=True)
-                if epoch < f.epoch:
+                if token < f.epoch:
                     log.warning(
                         "stale record rejected",
-                        extra={"group": self.group, "epoch": epoch, "fence": f.epoch, "seq": seq},
+                        extra={"group": self.group, "epoch": token, "fence": f.epoch, "seq": seq},
                     )
-                    raise StaleEpoch(epoch, f.epoch)
+                    raise StaleEpoch(token, f.epoch)
                 if seq <= f.applied_seq:
                     local = self._epoch_at(session, f, seq)
                     if local == epoch or (local is None and seq < f.base_seq and epoch <= f.base_epoch):
@@ -577,7 +586,7 @@ class Store:
                 undo = [u for undos in reversed(undo_per_op) for u in undos]
                 now = self.clock.wall()
                 session.add(ChangeLog(seq=seq, epoch=epoch, ops=blob, undo=_pack(undo), ts=now))
-                f.epoch = max(f.epoch, epoch)
+                f.epoch = max(f.epoch, token)
                 f.applied_epoch = epoch
                 f.applied_seq = seq
                 f.updated_ts = now

@@ -646,14 +646,14 @@ def test_sqlite_new_branch_revisions_apply_per_component(tmp_path: Path) -> None
             """
         )
     )
-    (scripts / "versions" / "clc_0001_test.py").write_text(
+    (scripts / "versions" / "other_0001_test.py").write_text(
         textwrap.dedent(
             """
             import sqlalchemy as sa
             from alembic import op
-            revision = "clc_0001"
+            revision = "other_0001"
             down_revision = None
-            branch_labels = ("clc",)
+            branch_labels = ("other",)
             depends_on = "core_0001"
             def upgrade():
                 op.create_table("account", sa.Column("id", sa.Integer, primary_key=True))
