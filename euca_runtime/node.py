@@ -486,6 +486,8 @@ class Instance:
             self.primary_epoch = p.epoch
             if p.recorded != self.recorded:
                 self._recorded_changed = True
+                if p.recorded is not None:
+                    self.group_in_sync = sorted(p.recorded)
             self.recorded = p.recorded
             self.lags = {m: p.lag(m) for m in sorted(p.peers)}
         else:
@@ -895,6 +897,9 @@ class Instance:
                 "NotInSync",
                 f"{target} is not in the in-sync set of {self.group} ({sorted(self.recorded or [])})",
             )
+        standby = self.node.standby_state(target)
+        if standby != "DISABLED":
+            raise RequestError("NotReady", f"{target} is {standby}, not a DISABLED hot standby")
         deadline = self._mono() + timeout
         self.handing_over = target
         self.update_state()
@@ -913,7 +918,15 @@ class Instance:
             await self.node.send_and_wait(sends, timeout=max(0.1, min(1.0, deadline - self._mono())))
         finally:
             self.handing_over = None
-        await self.node.request_takeover(target, self.group, deadline)
+        try:
+            await self.node.request_takeover(target, self.group, deadline)
+        except RequestError:
+            # The target cannot take over after all: take the lease back at once rather than
+            # leave the group without a primary for the hold-off.
+            self.hold_off_until = 0.0
+            self.next_campaign_at = 0.0
+            self.backup_heard = -math.inf
+            raise
 
     def takeover(self) -> None:
         """The primary released the lease for us: campaign now."""
@@ -1515,13 +1528,19 @@ class Node:
         return frozenset(names)
 
     def best_backup(self, group: str, exclude: str) -> str | None:
-        """An in-sync member of `group` other than `exclude` (for a switchover)."""
+        """An in-sync, DISABLED (hot standby) member of `group` other than `exclude`."""
         inst = self.by_group.get(group)
         recorded = inst.recorded if inst is not None else None
         if not recorded:
             return None
-        choices = sorted(m for m in recorded if m != exclude)
+        ready = {r["name"] for r in self.describe() if r["state"] == "DISABLED"}
+        choices = sorted(m for m in recorded if m != exclude and m in ready)
         return choices[0] if choices else None
+
+    def standby_state(self, name: str) -> str | None:
+        """`name`'s state as the topology view shows it (None if unknown)."""
+        row = self._instance_doc(name)
+        return None if row is None else str(row["state"])
 
     async def _register_loop(self) -> None:
         """Incremental boot: register our instances with the clc once it is ENABLED."""

@@ -108,3 +108,29 @@ def test_admin_api_needs_the_token_and_serves_metrics(ha_cloud: Cloud) -> None:
     assert 'euca_request_latency_seconds_count{group="kv",method="put"}' in body.decode()
     assert 'euca_replication_lag_records{group="kv",member="node-b.kv"}' in body.decode()
     assert ha_cloud.token not in "".join(p.read_text() for p in ha_cloud.root.glob("*.log"))
+
+
+def test_incremental_boot_with_a_subset_of_peers(tmp_path: Path) -> None:
+    """I4: node-b and the arbitrator alone boot the cloud; node-a joins later and catches up."""
+    root = tmp_path / "incremental"
+    try:
+        run_cli("up", "--ha", "--dir", str(root), "--node", "node-b")  # creates the layout, starts node-b
+        cloud = Cloud(root)
+        run_cli("up", "--dir", str(root), "--node", "node-c")
+        wait_until(lambda: cloud.enabled("kv", via="node-b") == "node-b.kv", what="node-b.kv ENABLED alone")
+        wait_until(
+            lambda: cloud.enabled("clc", via="node-b") == "node-b.clc", what="node-b.clc ENABLED alone"
+        )
+        for i in range(20):
+            cloud.put("node-b", f"early{i}", b"x")
+        run_cli("up", "--dir", str(root), "--node", "node-a")
+        wait_until(
+            lambda: all(cloud.service(f"node-a.{g}")["state"] == "DISABLED" for g in ("kv", "clc")),
+            what="the late node in sync",
+        )
+        assert cloud.get("node-a", "early19") == b"x"
+        registry = {s["name"] for s in cloud.services(via="node-c")}
+        assert {"node-a.kv", "node-b.kv", "node-a.clc", "node-b.clc", "node-c.arbitrator"} <= registry
+    finally:
+        run_cli("down", "--dir", str(root))
+    assert not processes_under(root)
