@@ -1178,7 +1178,7 @@ class Node:
 
     def node_of(self, name: str) -> str | None:
         """The node of a node or instance name (None if unknown)."""
-        if name == self.name or name in self.cfg.peers:
+        if name == self.name or name in self.cfg.peers or (self.endpoint and name in self.endpoint.peers):
             return name
         if name in self.instances:
             return self.name
@@ -1414,6 +1414,7 @@ class Node:
             "boot": self.boot,
             "seq": self._gossip_seq,
             "host": self.cfg.listen.host,
+            "listen": [self.cfg.listen.host, self.cfg.listen.port],
             "pid": os.getpid(),
             "admin": self.admin_url,
             "api": dict(self.api_urls),
@@ -1439,6 +1440,14 @@ class Node:
         ):
             return
         self.views[peer] = _View(dict(doc), self.clock.monotonic())
+        listen = doc.get("listen")
+        ep = self.endpoint
+        if ep is not None and isinstance(listen, list) and len(listen) == 2 and peer not in ep.peers:
+            # A peer that is not in our configuration dialled us (its certificate is from the
+            # cluster CA and names it): learn where it listens, so we can reach it too.
+            with contextlib.suppress(TypeError, ValueError):
+                ep.set_peer(peer, str(listen[0]), int(listen[1]))
+                log.info("learned a peer", extra={"peer": peer, "address": f"{listen[0]}:{listen[1]}"})
         if "registry" in doc and isinstance(doc["registry"], list):
             self.registry = {r["name"]: r for r in doc["registry"] if isinstance(r, Mapping) and "name" in r}
         self._observe_groups()
@@ -1495,7 +1504,8 @@ class Node:
             self._gossip_wake.clear()
             self._observe_groups()
             doc = self.status_doc()
-            for peer in self.cfg.peers:
+            peers = list(self.endpoint.peers) if self.endpoint is not None else list(self.cfg.peers)
+            for peer in peers:
                 if peer not in self._gossip_inflight:
                     self._gossip_inflight.add(peer)
                     self.spawn(self._push_status(peer, doc))
@@ -1680,7 +1690,7 @@ class Node:
             except (PeerUnavailable, DeadlineExceeded, RemoteError):
                 return []
 
-        for part in await asyncio.gather(*(fetch(p) for p in self.cfg.peers)):
+        for part in await asyncio.gather(*(fetch(p) for p in list(self.endpoint.peers))):
             events += part
         return sorted(events, key=lambda e: e.get("ts", 0.0))
 
@@ -1758,7 +1768,7 @@ class Node:
                     raise RequestError(
                         "NoBackup", f"{name} is ENABLED and {inst.group} has no in-sync backup to take over"
                     )
-                await inst.handover(target, timeout=5.0)
+                await self.switchover_local(inst.group, target, timeout=5.0)  # waits for the new primary
             ok = await inst.wait_state(lambda i: i.state == "DISABLED", timeout)
             if not ok:
                 raise RequestError("NotReady", f"{name} is {inst.state} ({inst.cause}), not DISABLED")

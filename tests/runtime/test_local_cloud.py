@@ -91,6 +91,7 @@ def test_kv_writes_through_any_node(ha_cloud: Cloud) -> None:
 
 
 def test_admin_api_needs_the_token_and_serves_metrics(ha_cloud: Cloud) -> None:
+    wait_until(lambda: ha_cloud.service("node-b.kv")["in_sync"], what="backup in sync")
     admin = ha_cloud.admin_url("node-b")
     assert http("GET", f"{admin}/v1/services")[0] == 401
     assert http("GET", f"{admin}/v1/services", token="wrong")[0] == 401
