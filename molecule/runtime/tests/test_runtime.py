@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,21 @@ def test_bus_port_listens_only_where_expected(host):
         # Not started: nothing of the runtime listens anywhere.
         assert f":{BUS_PORT} " not in listeners
     assert not host.socket("tcp://0.0.0.0:7180").is_listening
+
+
+def test_the_clc_group_has_one_enabled_primary_and_an_in_sync_backup(host):
+    if not hostvars(host)["euca_runtime_service_start"]:
+        pytest.skip("euca_runtime_service_start is false: the runtime is not running")
+    cmd = f"runuser -u eucalyptus -- {VENV}/bin/eucactl --config {CONFIG} describe-services -o json"
+    deadline = time.monotonic() + 30
+    while True:
+        out = host.run(cmd)
+        services = json.loads(out.stdout) if out.rc == 0 else []
+        clc = {s["node"]: s for s in services if s["type"] == "clc"}
+        states = sorted(s["state"] for s in clc.values())
+        if states == ["DISABLED", "ENABLED"] and all(s["in_sync"] for s in clc.values()):
+            break
+        assert time.monotonic() < deadline, f"clc group not settled: {out.stdout or out.stderr}"
+        time.sleep(1)
+    arbitrators = [s for s in services if s["type"] == "arbitrator"]
+    assert [s["node"] for s in arbitrators] == ["h3"]
