@@ -121,6 +121,16 @@ REGISTER_INTERVAL = 1.0
 RETRYABLE = frozenset({"NotPrimary", "Unavailable", "Cancelled", "DeadlineExceeded", "NoHandler", "NotReady"})
 """Remote error types that `Node.call` retries (elsewhere) until the deadline."""
 EVENTS_KEPT = 2000
+MAX_BATCH_OPS = 256
+"""Most ops one group-committed change record carries."""
+MAX_INFLIGHT_RECORDS = 2
+"""Uncommitted change records the primary lets in flight; more writes wait and batch up."""
+
+
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
 
 _OPEN_LOCK = threading.Lock()
 
@@ -286,6 +296,11 @@ class Instance:
         self.refusals: dict[str, str] = {}
         self._campaign_refused: set[str] = set()
         self._recorded_changed = False
+        self._write_queue: collections.deque[tuple[list[dict[str, Any]], asyncio.Future[WriteResult]]] = (
+            collections.deque()
+        )
+        self._writer_busy = False
+        self._commit_progress = asyncio.Event()
         self.step_down_cause = ""
         self._next_primary_tick = 0.0
         self._members: frozenset[str] = frozenset()
@@ -649,9 +664,14 @@ class Instance:
             _, fut = self.pending.pop(seq)
             if not fut.done():
                 fut.set_result(None)
+        self._commit_progress.set()
 
     def _fail_pending(self, why: str) -> None:
+        while self._write_queue:
+            _, fut = self._write_queue.popleft()
+            _fail(fut, ServiceUnavailable(f"{self.name}: {why} before the write was appended"))
         pending, self.pending = self.pending, {}
+        self._commit_progress.set()
         for _, fut in pending.values():
             if not fut.done():
                 fut.set_exception(ServiceUnavailable(f"{self.name}: {why} before the write committed"))
@@ -840,25 +860,86 @@ class Instance:
             self.node.metrics.observe(self.group, method, self._mono() - t0, outcome)
 
     async def write(self, ops: Sequence[Mapping[str, Any]], expires_at: float | None = None) -> WriteResult:
-        """Replicate and apply `ops`; returns once every in-sync backup applied them (I2)."""
+        """Replicate and apply `ops`; returns once every in-sync backup applied them (I2).
+
+        Group commit: writes that arrive while an append is in flight are appended together
+        as one change record (one transaction and fsync on the primary and on each backup),
+        and each is acknowledged when that record commits.
+        """
         if not self.can_serve():
             raise ServiceUnavailable(f"{self.name} is {self.state}, not ENABLED")
-        ops = [dict(op) for op in ops]
-        r = await self._submit(lambda: self._job_append(ops), sends=True)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.commit_seen >= (r.epoch, r.seq) and self.commit_seen[0] == r.epoch:
-            done.set_result(None)
-        else:
-            self.pending[r.seq] = (r.epoch, done)
+        done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        self._write_queue.append(([dict(op) for op in ops], done))
+        if not self._writer_busy:
+            self._writer_busy = True
+            self.node.spawn(self._drain_writes())
         if expires_at is None:
             expires_at = self._mono() + 10.0
         try:
-            await asyncio.wait_for(asyncio.shield(done), max(0.0, expires_at - self._mono()))
+            return await asyncio.wait_for(asyncio.shield(done), max(0.0, expires_at - self._mono()))
         except TimeoutError:
-            raise ServiceUnavailable(
-                f"write {r.seq} not committed before its deadline", "Unavailable"
-            ) from None
-        return WriteResult(r.epoch, r.seq)
+            raise ServiceUnavailable("write not committed before its deadline", "Unavailable") from None
+
+    async def _drain_writes(self) -> None:
+        """Append queued writes, a batch at a time; commits are awaited by the writers."""
+        try:
+            while self._write_queue:
+                while len(self.pending) >= MAX_INFLIGHT_RECORDS:
+                    self._commit_progress.clear()
+                    await self._commit_progress.wait()
+                if not self._write_queue:
+                    break
+                batch: list[tuple[list[dict[str, Any]], asyncio.Future[WriteResult]]] = []
+                n_ops = 0
+                while self._write_queue and (
+                    not batch or n_ops + len(self._write_queue[0][0]) <= MAX_BATCH_OPS
+                ):
+                    item = self._write_queue.popleft()
+                    batch.append(item)
+                    n_ops += len(item[0])
+                try:
+                    await self._append_batch(batch)
+                except (StoreError, SQLAlchemyError, ValueError, KeyError, TypeError) as exc:
+                    if len(batch) == 1:
+                        _fail(batch[0][1], RequestError("BadRequest", f"write refused: {exc}"))
+                        continue
+                    for item in batch:  # one bad op must not fail its neighbours: retry alone
+                        try:
+                            await self._append_batch([item])
+                        except (StoreError, SQLAlchemyError, ValueError, KeyError, TypeError) as one:
+                            _fail(item[1], RequestError("BadRequest", f"write refused: {one}"))
+        finally:
+            self._writer_busy = False
+
+    async def _append_batch(
+        self, batch: list[tuple[list[dict[str, Any]], asyncio.Future[WriteResult]]]
+    ) -> None:
+        ops = [op for item_ops, _ in batch for op in item_ops]
+        try:
+            r = await self._submit(lambda: self._job_append(ops), sends=True)
+        except ServiceUnavailable as exc:
+            for _, fut in batch:
+                _fail(fut, exc)
+            return
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        result = WriteResult(r.epoch, r.seq)
+
+        def distribute(f: asyncio.Future[None]) -> None:
+            for _, fut in batch:
+                if fut.done():
+                    continue
+                if f.cancelled():
+                    fut.cancel()
+                elif f.exception() is not None:
+                    fut.set_exception(f.exception())  # type: ignore[arg-type]
+                else:
+                    fut.set_result(result)
+
+        committed.add_done_callback(distribute)
+        if self.commit_seen >= (r.epoch, r.seq) and self.commit_seen[0] == r.epoch:
+            committed.set_result(None)
+        else:
+            self.pending[r.seq] = (r.epoch, committed)
 
     # ------------------------------------------------------------------ operator actions
 
@@ -904,7 +985,12 @@ class Instance:
         self.handing_over = target
         self.update_state()
         try:
-            while not (await self._run(lambda: self._job_caught_up(target))) or self.pending:
+            while (
+                not (await self._run(lambda: self._job_caught_up(target)))
+                or self.pending
+                or self._write_queue
+                or self._writer_busy
+            ):
                 if self._mono() > deadline:
                     raise RequestError("Timeout", f"{target} did not catch up within {timeout:g} s")
                 if not self.is_writer():
