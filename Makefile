@@ -54,6 +54,7 @@ demo: deps venv
 
 down: venv
 	$(BIN)/python -m testbed down --name demo
+	rm -rf $(HOME)/.euca-ha/pki/demo  # the demo cloud's CA: a new bed gets a new one
 
 bench: deps venv
 	$(BIN)/python -m benchmarks $(BENCH)
