@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
-from runtime_harness import Cloud, http, processes_under, run_cli, wait_until
+from runtime_harness import Cloud, http, processes_under, run_cli, run_ctl, wait_until
 
 CONTRACT = {
     "name",
@@ -75,6 +77,38 @@ def test_ha_boot_one_enabled_one_in_sync_backup_per_group(ha_cloud: Cloud) -> No
         assert sum(1 for r in rows if r["group"] == group and r["state"] == "ENABLED") == 1
     table = ha_cloud.ctl("describe-services")
     assert table.returncode == 0 and "node-b.kv" in table.stdout and "DISABLED" in table.stdout
+    # The other ways eucactl finds a cloud: a runtime config file, or what eucarc exports.
+    by_config = run_ctl("--config", str(ha_cloud.root / "node-b.yaml"), "describe-services", "-o", "json")
+    assert by_config.returncode == 0 and {r["name"] for r in json.loads(by_config.stdout)} == set(by_name)
+    env = {
+        **os.environ,
+        "EUCA_ADMIN_URLS": f"http://127.0.0.1:1 {ha_cloud.admin_url('node-c')}",  # the first is dead
+        "EUCA_ADMIN_TOKEN_FILE": str(ha_cloud.root / "admin.token"),
+    }
+    by_env = subprocess.run(
+        [sys.executable, "-m", "euca_runtime.ctl", "describe-services", "-o", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert by_env.returncode == 0, by_env.stderr
+    assert {r["name"] for r in json.loads(by_env.stdout)} == set(by_name)
+    no_token = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "euca_runtime.ctl",
+            "--admin-url",
+            ha_cloud.admin_url("node-a"),
+            "describe-services",
+        ],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("EUCA_")},
+        timeout=60,
+    )
+    assert no_token.returncode == 1 and "no admin token" in no_token.stderr
 
 
 def test_kv_writes_through_any_node(ha_cloud: Cloud) -> None:

@@ -10,7 +10,7 @@ import ssl
 import struct
 from pathlib import Path
 
-from runtime_harness import Cloud, http, run_cli, wait_until
+from runtime_harness import Cloud, Writer, http, run_cli, wait_until
 
 from euca_runtime.frames import encode
 from euca_runtime.tls import create_ca, issue_node_cert
@@ -147,9 +147,18 @@ def test_deregister_stops_an_instance_for_good_and_register_brings_it_back(ha_cl
     )
     assert ha_cloud.service("node-b.kv", via="node-b")["state"] == "STOPPED"
     ha_cloud.put("node-a", "solo", b"1")
-    proc = ha_cloud.ctl("register", "node-b.kv")
-    assert proc.returncode == 0, proc.stderr
-    wait_until(lambda: ha_cloud.service("node-b.kv")["state"] == "DISABLED", what="registered backup in sync")
+    # Registering the backup again, online, under write load: it catches up and joins.
+    with Writer(ha_cloud, ["node-a", "node-b"], "reg", per_thread_rate=100) as writer:
+        wait_until(lambda: writer.count() >= 20, what="writes flowing")
+        proc = ha_cloud.ctl("register", "node-b.kv")
+        assert proc.returncode == 0, proc.stderr
+        wait_until(
+            lambda: ha_cloud.service("node-b.kv")["state"] == "DISABLED", what="registered backup in sync"
+        )
+        n = writer.count()
+        wait_until(lambda: writer.count() >= n + 20, what="writes while the backup is in sync")
+    assert writer.errors == []
     proc = ha_cloud.ctl("switchover", "kv", "--to", "node-b.kv")
     assert proc.returncode == 0, proc.stderr
     assert ha_cloud.get("node-b", "solo") == b"1"
+    assert writer.missing(via="node-b") == []
