@@ -242,10 +242,10 @@ def render_metrics(node: Node) -> str:
     family("euca_peer_heartbeat_age_seconds", "gauge", "Seconds since anything was heard from each peer")
     ep = node.endpoint
     if ep is not None:
-        for peer, st in sorted(ep.peer_status().items()):
-            age = st.get("heartbeat_age")
-            if age is not None:
-                out.append(f"euca_peer_heartbeat_age_seconds{_labels(peer=peer)} {age:.4f}")
+        for peer, peer_st in sorted(ep.peer_status().items()):
+            hb_age = peer_st.get("heartbeat_age")
+            if hb_age is not None:
+                out.append(f"euca_peer_heartbeat_age_seconds{_labels(peer=peer)} {hb_age:.4f}")
         family("euca_bus_events_total", "counter", "Bus transport counters")
         for key, n in sorted(ep.stats.items()):
             out.append(f"euca_bus_events_total{_labels(event=key)} {n}")
@@ -253,9 +253,9 @@ def render_metrics(node: Node) -> str:
     family("euca_cache_misses_total", "counter", "Object cache reads that went to the database")
     for inst in node.instances.values():
         if inst.cache is not None:
-            st = inst.cache.stats()
-            out.append(f"euca_cache_hits_total{_labels(name=inst.name)} {st.hits}")
-            out.append(f"euca_cache_misses_total{_labels(name=inst.name)} {st.misses}")
+            cstats = inst.cache.stats()
+            out.append(f"euca_cache_hits_total{_labels(name=inst.name)} {cstats.hits}")
+            out.append(f"euca_cache_misses_total{_labels(name=inst.name)} {cstats.misses}")
     family("euca_voter", "gauge", "1 if this process is a lease voter")
     out.append(f"euca_voter{_labels(node=node.name)} {1 if node.voter is not None else 0}")
     return "\n".join(out) + "\n"

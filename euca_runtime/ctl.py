@@ -108,9 +108,8 @@ def _client(args: argparse.Namespace) -> Client:
         except ConfigError as exc:
             raise CtlError(str(exc)) from None
         urls = [f"http://{cfg.admin}"]
-        token_file = cfg.data_dir / "admin.token"
         try:
-            token = token_file.read_text().strip()
+            token = (cfg.data_dir / "admin.token").read_text().strip()
         except OSError as exc:
             raise CtlError(f"cannot read the admin token: {exc}") from None
     else:

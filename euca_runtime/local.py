@@ -356,10 +356,10 @@ def wait_ready(
                 except (OSError, ValueError, KeyError) as exc:
                     last = f"{info.name}: {exc}"
                     continue
-                enabled = {s["group"] for s in services if s["state"] == "ENABLED"}
-                if want <= enabled:
+                groups_enabled = {s["group"] for s in services if s["state"] == "ENABLED"}
+                if want <= groups_enabled:
                     return services
-                last = f"waiting for ENABLED: {sorted(want - enabled)}"
+                last = f"waiting for ENABLED: {sorted(want - groups_enabled)}"
                 break
         else:
             last = f"waiting for {sorted(pending)} to answer"

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import math
 import os
@@ -209,7 +210,7 @@ class Metrics:
         self.step_downs: collections.Counter[tuple[str, str]] = collections.Counter()
         self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self.latency: dict[tuple[str, str], list[float]] = {}
-        self.latency_sum: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.latency_sum: dict[tuple[str, str], float] = collections.defaultdict(float)
         self.latency_count: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def observe(self, group: str, method: str, seconds: float, outcome: str) -> None:
@@ -672,9 +673,8 @@ class Instance:
             _fail(fut, ServiceUnavailable(f"{self.name}: {why} before the write was appended"))
         pending, self.pending = self.pending, {}
         self._commit_progress.set()
-        for _, fut in pending.values():
-            if not fut.done():
-                fut.set_exception(ServiceUnavailable(f"{self.name}: {why} before the write committed"))
+        for _, committed in pending.values():
+            _fail(committed, ServiceUnavailable(f"{self.name}: {why} before the write committed"))
 
     def _after_lease(self) -> None:
         cand = self.candidate
@@ -688,7 +688,8 @@ class Instance:
                 self.step_down_cause = ""
                 self.refusals.clear()
                 self.node.note(self.name, f"elected, epoch {ev.epoch}", ev.epoch)
-                self._submit(lambda e=ev.epoch: self._job_become_primary(e, self.node.members(self.group)))
+                members = self.node.members(self.group)
+                self._submit(functools.partial(self._job_become_primary, ev.epoch, members))
                 self.node.held_changed()
             elif isinstance(ev, SteppedDown):
                 self.node.metrics.step_downs[(self.group, ev.reason)] += 1
@@ -701,7 +702,7 @@ class Instance:
                 self.next_campaign_at = max(self.next_campaign_at, self._mono() + random.uniform(0.1, 0.3))
                 self.node.held_changed()
             elif isinstance(ev, InSyncRecorded):
-                self._submit(lambda e=ev.epoch, m=ev.members: self._job_in_sync_recorded(e, m))
+                self._submit(functools.partial(self._job_in_sync_recorded, ev.epoch, ev.members))
 
     async def on_message(self, msg: Any) -> list[Send]:
         """A protocol message for this instance; returns the sends (the caller routes them)."""
@@ -773,7 +774,7 @@ class Instance:
                 members = self.node.members(self.group)
                 if members != self._members:
                     self._members = members
-                    self._submit(lambda m=members: self._job_members(m))
+                    self._submit(functools.partial(self._job_members, members))
             elif cand.role is Role.FOLLOWER:
                 self._maybe_campaign(now)
         self.update_state()
@@ -1535,7 +1536,9 @@ class Node:
                 ep.set_peer(peer, str(listen[0]), int(listen[1]))
                 log.info("learned a peer", extra={"peer": peer, "address": f"{listen[0]}:{listen[1]}"})
         if "registry" in doc and isinstance(doc["registry"], list):
-            self.registry = {r["name"]: r for r in doc["registry"] if isinstance(r, Mapping) and "name" in r}
+            self.registry = {
+                r["name"]: dict(r) for r in doc["registry"] if isinstance(r, Mapping) and "name" in r
+            }
         self._observe_groups()
 
     def _observe_groups(self) -> None:

@@ -169,3 +169,28 @@ def test_incremental_boot_with_a_subset_of_peers(tmp_path: Path) -> None:
     finally:
         run_cli("down", "--dir", str(root))
     assert not processes_under(root)
+
+
+def test_an_instance_whose_database_is_unusable_is_broken_and_the_process_lives_on(tmp_path: Path) -> None:
+    root = tmp_path / "broken"
+    try:
+        run_cli("up", "--dir", str(root))
+        run_cli("down", "--dir", str(root))
+        db = root / "node-a" / "node-a.kv.db"
+        for extra in (root / "node-a" / "node-a.kv.db-wal", root / "node-a" / "node-a.kv.db-shm"):
+            extra.unlink(missing_ok=True)
+        db.write_bytes(b"this is not a SQLite database" * 100)
+        run_cli("up", "--dir", str(root), "--node", "node-a")
+        cloud = Cloud(root)
+        row = wait_until(
+            lambda: (s := cloud.service("node-a.kv"))["state"] == "BROKEN" and s, what="kv BROKEN"
+        )
+        assert "cannot open" in row["cause"]
+        wait_until(lambda: cloud.service("node-a.clc")["state"] == "ENABLED", what="clc unaffected")
+        status, body = http("GET", f"{cloud.kv_url('node-a')}/kv/x?timeout=0.5", timeout=10)
+        assert status == 503, body
+        proc = cloud.ctl("modify-service", "node-a.kv", "--state", "ENABLED")
+        assert proc.returncode == 1 and "BROKEN" in proc.stderr
+    finally:
+        run_cli("down", "--dir", str(root))
+    assert not processes_under(root)
