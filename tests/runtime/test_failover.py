@@ -151,3 +151,23 @@ def test_operator_stopped_survives_a_restart_and_modify_never_silently_fails(ha_
     assert ha_cloud.get("node-a", "while-stopped") == b"1"
     bad = ha_cloud.ctl("modify-service", "node-z.kv", "--state", "STOPPED")
     assert bad.returncode == 1 and "node-z.kv" in bad.stderr
+
+
+def test_whole_cloud_killed_and_restarted_comes_back_with_its_data(ha_cloud: Cloud) -> None:
+    """EUCA-4354: nothing may stay stuck after every process dies at once and comes back."""
+    wait_until(lambda: _settled(ha_cloud), what="HA settled")
+    for i in range(10):
+        ha_cloud.put("node-b", f"keep{i}", b"1")
+    for node in ("node-a", "node-b", "node-c"):
+        os.kill(ha_cloud.pid(node), signal.SIGKILL)
+    wait_until(lambda: all(not os.path.exists(f"/proc/{p}") for p in ha_cloud.all_pids()), what="all dead")
+    run_cli("up", "--dir", str(ha_cloud.root))
+    wait_until(
+        lambda: all(
+            sum(1 for s in ha_cloud.services() if s["group"] == g and s["state"] == st) == 1
+            for g in ("clc", "kv")
+            for st in ("ENABLED", "DISABLED")
+        ),
+        what="one ENABLED and one DISABLED per group again",
+    )
+    assert all(ha_cloud.get("node-a", f"keep{i}") == b"1" for i in range(10))
