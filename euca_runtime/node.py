@@ -659,6 +659,11 @@ class Instance:
         return fut
 
     def _resolve(self, epoch: int, commit: int) -> None:
+        if self.pending and not self.is_writer():
+            # Never acknowledge once our lease may have run out (a pause between append and
+            # commit): the records are safe or fenced either way, the client retries.
+            self._fail_pending("lease lost")
+            return
         if (epoch, commit) > self.commit_seen:
             self.commit_seen = (epoch, commit)
         for seq in sorted(s for s, (e, _) in self.pending.items() if e == epoch and s <= commit):
