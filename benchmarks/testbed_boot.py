@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 from testbed import bed as tb
@@ -13,14 +12,9 @@ from testbed import bed as tb
 
 def host_pss_kib(leader: int) -> tuple[int, int]:
     """Sum of Pss over every process in the pid namespace of `leader`: (kib, processes)."""
-    ns = os.readlink(f"/proc/{leader}/ns/pid")
     total = count = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for proc in tb.processes_in_host(leader):
         try:
-            if os.readlink(proc / "ns/pid") != ns:
-                continue
             for line in (proc / "smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     total += int(line.split()[1])

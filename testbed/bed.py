@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -260,7 +261,7 @@ def _boot(bed: Bed, host: Host) -> None:
     wait_until(f"host {host.name} to start", leader_found, 20, 0.05)
 
 
-def _ssh(bed: Bed, host: Host, *argv: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+def ssh(bed: Bed, host: Host, *argv: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
     cmd = ["ssh", "-F", str(bed.dir / "ssh_config"), "-o", "BatchMode=yes", host.name, *argv]
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -272,7 +273,7 @@ def _wait_ready(bed: Bed, host: Host, timeout: float) -> None:
     def ready() -> bool:
         if not alive(host.leader):
             raise TestbedError(f"host {host.name} died while booting (see {host_dir(bed, host)}/console.log)")
-        out = _ssh(bed, host, "systemctl", "is-system-running", timeout=5).stdout.strip()
+        out = ssh(bed, host, "systemctl", "is-system-running", timeout=5).stdout.strip()
         return out in ("running", "degraded")
 
     wait_until(f"host {host.name} to answer SSH with systemd running", ready, timeout, 0.3)
@@ -396,21 +397,30 @@ def start(name: str, host_name: str, timeout: float = BOOT_TIMEOUT) -> None:
         record(bed, "start", host=host_name)
 
 
+def processes_in_host(leader: int) -> list[Path]:
+    """The /proc entries of every process in the pid namespace of `leader` (a host's init)."""
+    ns = os.readlink(f"/proc/{leader}/ns/pid")
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.readlink(proc / "ns/pid") == ns:
+                found.append(proc)
+    return found
+
+
 def _pids_in_host(host: Host, pattern: str) -> list[int]:
     """Pids (as seen from here) of processes in the host's pid namespace whose cmdline matches."""
-    import re
-
     if not alive(host.leader):
         raise TestbedError(f"host {host.name} is not running")
-    ns = os.readlink(f"/proc/{host.leader}/ns/pid")
+    assert host.leader is not None
     rx = re.compile(pattern)
     pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == host.leader:
+    for proc in processes_in_host(host.leader):
+        if int(proc.name) == host.leader:
             continue
         try:
-            if os.readlink(proc / "ns/pid") != ns:
-                continue
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue

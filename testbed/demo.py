@@ -52,8 +52,9 @@ def main() -> int:
         print(f"demo: site.yml --check --diff: changed={checked}")
         if checked != 0:
             raise TestbedError(f"site.yml --check --diff would change {checked} things on a converged cloud")
-        for host in tb.load(NAME).hosts:
-            out = tb._ssh(tb.load(NAME), host, "id -u eucalyptus && stat -c %a /var/lib/eucalyptus")
+        bed = tb.load(NAME)
+        for host in bed.hosts:
+            out = tb.ssh(bed, host, "id -u eucalyptus && stat -c %a /var/lib/eucalyptus")
             if out.returncode != 0 or out.stdout.split() != ["970", "700"]:
                 raise TestbedError(f"smoke check failed on {host.name}: {out.stdout or out.stderr}")
         print("demo: smoke check passed (service account and state directory on every host)")
