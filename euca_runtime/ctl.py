@@ -12,6 +12,11 @@ Where the cloud is (first that applies):
 Every admin URL is tried in turn until one answers, so the tool keeps working while a node
 is down. Commands:
 
+- ``describe-groups [-o table|json]``: one line per service group: its ENABLED instance,
+  epoch, every instance with its state, how many are in sync, the largest lag, and the VIP
+  holder where the group has a service address (``-`` otherwise); ``-o json`` adds
+  ``healthy`` (exactly one ENABLED instance and every instance in sync). The runbook
+  ``playbooks/runbooks/status.yml`` prints this table.
 - ``describe-services [-o table|json] [--events]``: every service instance; ``-o json`` is a
   JSON array of objects with at least name, type, partition, host, node, state, epoch,
   in_sync, lag, heartbeat_age_ms (a contract). ``--events`` adds the state transitions and
@@ -156,6 +161,65 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def group_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per service group (type, partition) from describe-services rows."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        key = r.get("group") or (r["type"] if not r.get("partition") else f"{r['type']}/{r['partition']}")
+        groups.setdefault(str(key), []).append(r)
+    out = []
+    for key in sorted(groups):
+        members = groups[key]
+        enabled = [m["name"] for m in members if m.get("state") == "ENABLED"]
+        lags = [m["lag"] for m in members if isinstance(m.get("lag"), int)]
+        vips = sorted({str(m["vip_holder"]) for m in members if m.get("vip_holder")})
+        out.append(
+            {
+                "group": key,
+                "enabled": enabled,
+                "epoch": max((int(m.get("epoch") or 0) for m in members), default=0),
+                "instances": [
+                    {
+                        "name": m["name"],
+                        "node": m.get("node"),
+                        "state": m.get("state"),
+                        "in_sync": m.get("in_sync"),
+                    }
+                    for m in members
+                ],
+                "names": [m["name"] for m in members],
+                "in_sync": sum(1 for m in members if m.get("in_sync")),
+                "size": len(members),
+                "max_lag": max(lags) if lags else None,
+                "vip_holder": vips[0] if len(vips) == 1 else (vips or None),
+                "healthy": len(enabled) == 1 and all(m.get("in_sync") for m in members),
+            }
+        )
+    return out
+
+
+def _groups_table(groups: list[dict[str, Any]]) -> str:
+    header = ["GROUP", "ENABLED", "EPOCH", "IN_SYNC", "MAX_LAG", "VIP_HOLDER", "INSTANCES"]
+    body = []
+    for g in groups:
+        vip = g["vip_holder"]
+        body.append(
+            [
+                g["group"],
+                ",".join(g["enabled"]) or "NONE",
+                str(g["epoch"]),
+                f"{g['in_sync']}/{g['size']}",
+                "-" if g["max_lag"] is None else str(g["max_lag"]),
+                "-" if not vip else (vip if isinstance(vip, str) else "CONFLICT:" + ",".join(vip)),
+                " ".join(f"{i['name']}={i['state']}" for i in g["instances"]),
+            ]
+        )
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+    return "\n".join(
+        "  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]
+    )
+
+
 def _events_table(events: list[dict[str, Any]]) -> str:
     import time
 
@@ -173,12 +237,24 @@ def _events_table(events: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``eucactl`` entry point; a closed pipe (``eucactl ... | head``) ends it quietly."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Python flushes stdout at exit again; point it at /dev/null so that is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAIL
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eucactl", description="Operate a euca-ha cloud.")
     parser.add_argument("--dir", help="a local cloud made by `euca-runtime up`")
     parser.add_argument("--config", help="a runtime configuration file (admin address and token)")
     parser.add_argument("--admin-url", help="an admin URL (overrides the rest)")
     parser.add_argument("--token-file", help="the admin token file (overrides the rest)")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("describe-groups", help="one line per service group (primary, epoch, lag, VIP)")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p = sub.add_parser("describe-services", help="list every service instance and its state")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.add_argument("--events", action="store_true", help="also show state transitions and causes")
@@ -219,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.events:
                     print()
                     print(_events_table(doc.get("events", [])))
+            return 0
+        if args.cmd == "describe-groups":
+            groups = group_summary(client.call("GET", "/v1/services", timeout=10.0)["services"])
+            print(json.dumps(groups, indent=2) if args.output == "json" else _groups_table(groups))
             return 0
         if args.cmd == "modify-service":
             res = client.call(
