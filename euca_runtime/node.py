@@ -1757,6 +1757,8 @@ class Node:
                     r["in_sync"] = False
             primary = next((r for r in enabled if r["state"] == "ENABLED"), None)
             for r in members:
+                # The in-sync set the voters recorded for the group (I2), as its primary knows it.
+                r["recorded_in_sync"] = None if primary is None else primary["_in_sync_set"]
                 if not r["_replicated"]:
                     r["lag"] = None
                 elif r is primary:
