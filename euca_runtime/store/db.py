@@ -91,7 +91,7 @@ SNAPSHOT_FORMAT = 1
 """Version of the snapshot chunk format produced by `Store.export_snapshot`."""
 SNAPSHOT_CHUNK_BYTES = 1024 * 1024
 """Default bound on the packed rows of one snapshot "rows" chunk (a single bigger row is alone)."""
-_EXPORT_READ_AHEAD = 8
+_EXPORT_READ_AHEAD = 4
 """Rows a snapshot export fetches from the database at a time (memory: this times the biggest row)."""
 
 SERVICE_STATES = frozenset({"STOPPED", "NOTREADY", "DISABLED", "ENABLED", "BROKEN"})
