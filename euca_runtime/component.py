@@ -254,7 +254,7 @@ class SqlReplicaStore:
             return None
         return self.store.epoch_at(seq)
 
-    def records_after(self, seq: int, limit: int) -> list[ChangeRecord] | None:
+    def records_after(self, seq: int, limit: int, max_bytes: int | None = None) -> list[ChangeRecord] | None:
         if seq > self._last_seq or seq < 0:
             return None
         if seq == self._last_seq:
@@ -263,7 +263,7 @@ class SqlReplicaStore:
         if prev is None:
             return None
         try:
-            rows = self.store.read_log(seq, limit)
+            rows = self.store.read_log(seq, limit, max_bytes=max_bytes)
         except LogTruncated:
             return None
         out: list[ChangeRecord] = []

@@ -110,7 +110,8 @@ class ReplicationConfig:
     buffer_limit: int = 1024
     """Out-of-order records a backup keeps while it waits for the gap to fill."""
     chunk_bytes: int = 1024 * 1024
-    """State transfer: target size of one `SnapshotChunk` (a single bigger row travels alone)."""
+    """Target size of one `SnapshotChunk` (a single bigger row travels alone) and of the
+    records of one catch-up `Replicate` (a single bigger record travels alone)."""
     transfer_timeout: float = 10.0
     """State transfer without progress for this long is abandoned (backup) or closed (primary)."""
 
@@ -324,8 +325,12 @@ class ReplicaStore(Protocol):
         """Epoch of the record at `seq` (or of the snapshot base); None if not known."""
         ...
 
-    def records_after(self, seq: int, limit: int) -> list[ChangeRecord] | None:
-        """Up to `limit` records from ``seq + 1``; None when ``seq + 1`` was compacted away."""
+    def records_after(self, seq: int, limit: int, max_bytes: int | None = None) -> list[ChangeRecord] | None:
+        """Up to `limit` records from ``seq + 1``; None when ``seq + 1`` was compacted away.
+
+        With `max_bytes`, stop before the records' (packed) ops exceed it, but return at least
+        one record: a catch-up message stays about that size whatever the records hold.
+        """
         ...
 
     def append(self, record: ChangeRecord, stamp: int) -> None:
@@ -397,11 +402,18 @@ class MemoryReplicaStore:
             return self._log[seq - self._base_seq - 1].epoch
         return None
 
-    def records_after(self, seq: int, limit: int) -> list[ChangeRecord] | None:
+    def records_after(self, seq: int, limit: int, max_bytes: int | None = None) -> list[ChangeRecord] | None:
         if seq < self._base_seq or seq > self.last_seq:
             return None
         start = seq - self._base_seq
-        return self._log[start : start + limit]
+        out = self._log[start : start + limit]
+        if max_bytes is not None:
+            size = 0
+            for i, r in enumerate(out):
+                size += len(repr(r.ops))
+                if i > 0 and size > max_bytes:
+                    return out[:i]
+        return out
 
     def append(self, record: ChangeRecord, stamp: int) -> None:
         if self._sink is not None:
@@ -709,7 +721,7 @@ class ReplicationPrimary:
         return []
 
     def _send_from(self, name: str, peer: _Peer) -> list[Send]:
-        recs = self.store.records_after(peer.acked, self.config.batch)
+        recs = self.store.records_after(peer.acked, self.config.batch, self.config.chunk_bytes)
         if not recs:
             return []
         peer.sent_upto = recs[-1].seq
@@ -721,7 +733,7 @@ class ReplicationPrimary:
             return []
         store = self.store
         if msg.last_seq <= store.last_seq and store.epoch_at(msg.last_seq) == msg.last_epoch:
-            recs = store.records_after(msg.last_seq, self.config.batch)
+            recs = store.records_after(msg.last_seq, self.config.batch, self.config.chunk_bytes)
             if recs is not None:
                 if recs:
                     peer.sent_upto = max(peer.sent_upto, recs[-1].seq)
@@ -822,7 +834,7 @@ class ReplicationPrimary:
                 peer.behind_since = now
             recs = None
             if 0 <= peer.acked < self.store.last_seq:
-                recs = self.store.records_after(peer.acked, self.config.batch)
+                recs = self.store.records_after(peer.acked, self.config.batch, self.config.chunk_bytes)
             if recs:
                 peer.sent_upto = recs[-1].seq
                 out.append(Send(name, self._replicate(tuple(recs))))

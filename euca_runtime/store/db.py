@@ -611,9 +611,13 @@ class Store:
             f = self._fence_row(session, lock=False)
             return f.base_seq + 1, f.applied_seq
 
-    def read_log(self, after_seq: int, limit: int | None = 1000) -> list[LogRecord]:
+    def read_log(
+        self, after_seq: int, limit: int | None = 1000, *, max_bytes: int | None = None
+    ) -> list[LogRecord]:
         """The records with seq > `after_seq`, oldest first, at most `limit` of them.
 
+        With `max_bytes`, stops before the records' packed ops exceed it (but returns at least
+        one record), reading them a few at a time: memory stays about `max_bytes`.
         Raises `LogTruncated` if some of them were already trimmed (or covered by an
         imported snapshot): the reader needs a snapshot instead.
         """
@@ -624,13 +628,23 @@ class Store:
                 return []
             if after_seq < f.base_seq:
                 raise LogTruncated(after_seq + 1, f.base_seq + 1)
-            stmt = select(ChangeLog).where(ChangeLog.seq > after_seq).order_by(ChangeLog.seq)
+            stmt = (
+                select(ChangeLog.epoch, ChangeLog.seq, ChangeLog.ops, ChangeLog.ts)
+                .where(ChangeLog.seq > after_seq)
+                .order_by(ChangeLog.seq)
+            )
             if limit is not None:
                 stmt = stmt.limit(limit)
-            return [
-                LogRecord(epoch=r.epoch, seq=r.seq, ops=_unpack(r.ops), ts=r.ts)
-                for r in session.execute(stmt).scalars()
-            ]
+            out: list[LogRecord] = []
+            size = 0
+            rows = session.execute(stmt.execution_options(yield_per=_EXPORT_READ_AHEAD))
+            for epoch, seq, ops, ts in rows:
+                size += len(ops)
+                if max_bytes is not None and out and size > max_bytes:
+                    break
+                out.append(LogRecord(epoch=epoch, seq=seq, ops=_unpack(ops), ts=ts))
+            rows.close()
+            return out
 
     def epoch_at(self, seq: int) -> int | None:
         """The epoch of the local record at `seq` (0 for seq 0); None if unknown or absent."""

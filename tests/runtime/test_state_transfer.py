@@ -196,6 +196,34 @@ def test_sql_fence_raised_while_installing_aborts_the_install(stores: tuple[Stor
     p.close()
 
 
+def test_log_catch_up_of_big_records_is_split_into_bounded_messages(stores: tuple[Store, Store]) -> None:
+    a, b = stores
+    values = {f"r{i}": os.urandom(700 * 1024) for i in range(6)}
+    _fill(a, values)
+    rs = SqlReplicaStore(a)
+    recs = rs.records_after(0, 64, max_bytes=MiB)
+    assert recs is not None and [r.seq for r in recs] == [1]  # a second one would exceed 1 MiB
+    assert [r.seq for r in rs.records_after(0, 64, max_bytes=2 * MiB) or []] == [1, 2]
+    config = ReplicationConfig(chunk_bytes=MiB)
+    p = ReplicationPrimary("a", G, 1, rs, ["a", "b"], config, now=0.0)
+    p.next_in_sync_proposal(0.0)
+    p.on_in_sync_recorded({"a"})
+    backup = ReplicationBackup("b", G, SqlReplicaStore(b), config)
+    sent: list[int] = []
+    queue = backup.handle(Replicate(G, "a", 1, (), 6, 1, 6), 0.0)
+    while queue:
+        s = queue.pop(0)
+        if s.to == "b":
+            if isinstance(s.msg, Replicate):
+                sent.append(len(s.msg.records))
+            queue += backup.handle(s.msg, 0.0)
+        elif isinstance(s.msg, CatchUpRequest):
+            queue += p.on_catch_up(s.msg, 0.0)
+        elif isinstance(s.msg, ReplicateAck):
+            queue += p.on_ack(s.msg, 0.0)
+    assert _rows(b) == values and max(sent) == 1
+
+
 # --------------------------------------------------------------------------- real processes
 
 
