@@ -112,6 +112,9 @@ class ReplicationConfig:
     chunk_bytes: int = 1024 * 1024
     """Target size of one `SnapshotChunk` (a single bigger row travels alone) and of the
     records of one catch-up `Replicate` (a single bigger record travels alone)."""
+    resend_after: float = 0.3
+    """Primary: records sent to a backup and not acknowledged for this long are sent again
+    (one catch-up batch in flight at a time, so a slow backup is not buried in duplicates)."""
     transfer_timeout: float = 10.0
     """State transfer without progress for this long is abandoned (backup) or closed (primary)."""
 
@@ -537,6 +540,8 @@ class _Peer:
     sent_upto: int = -1
     last_progress: float = NEVER
     behind_since: float | None = None
+    sent_at: float = NEVER
+    """When what is in flight (sent_upto > acked) was sent, or acks last made progress."""
     transfer: _Outgoing | None = None
 
 
@@ -672,6 +677,8 @@ class ReplicationPrimary:
             if name in required and peer.behind_since is None:
                 peer.behind_since = now
             if peer.acked >= 0 and peer.sent_upto == rec.seq - 1:
+                if peer.sent_upto <= peer.acked:
+                    peer.sent_at = now  # the oldest unacknowledged send
                 peer.sent_upto = rec.seq
                 out.append(Send(name, self._replicate((rec,))))
         self._advance_commit()
@@ -708,7 +715,7 @@ class ReplicationPrimary:
             self._end_transfer(peer)  # installed: the log takes over from its seq
         if seq > peer.acked:
             peer.acked = seq
-            peer.last_progress = now
+            peer.last_progress = peer.sent_at = now
             peer.behind_since = None if seq >= last else now
         elif seq >= last:
             peer.behind_since = None
@@ -717,14 +724,14 @@ class ReplicationPrimary:
             self.joined.add(msg.sender)
         self._advance_commit()
         if peer.acked < last and peer.sent_upto <= peer.acked:
-            return self._send_from(msg.sender, peer)
+            return self._send_from(msg.sender, peer, now)
         return []
 
-    def _send_from(self, name: str, peer: _Peer) -> list[Send]:
+    def _send_from(self, name: str, peer: _Peer, now: float) -> list[Send]:
         recs = self.store.records_after(peer.acked, self.config.batch, self.config.chunk_bytes)
         if not recs:
             return []
-        peer.sent_upto = recs[-1].seq
+        peer.sent_upto, peer.sent_at = recs[-1].seq, now
         return [Send(name, self._replicate(tuple(recs)))]
 
     def on_catch_up(self, msg: CatchUpRequest, now: float) -> list[Send]:
@@ -736,7 +743,7 @@ class ReplicationPrimary:
             recs = store.records_after(msg.last_seq, self.config.batch, self.config.chunk_bytes)
             if recs is not None:
                 if recs:
-                    peer.sent_upto = max(peer.sent_upto, recs[-1].seq)
+                    peer.sent_upto, peer.sent_at = max(peer.sent_upto, recs[-1].seq), now
                 return [Send(msg.sender, self._replicate(tuple(recs)))]
         position = (msg.last_seq, msg.last_epoch)
         t = peer.transfer
@@ -833,10 +840,11 @@ class ReplicationPrimary:
             elif name in required and peer.behind_since is None and peer.acked < self.store.last_seq:
                 peer.behind_since = now
             recs = None
-            if 0 <= peer.acked < self.store.last_seq:
+            in_flight = peer.sent_upto > peer.acked and now - peer.sent_at < self.config.resend_after
+            if 0 <= peer.acked < self.store.last_seq and not in_flight:
                 recs = self.store.records_after(peer.acked, self.config.batch, self.config.chunk_bytes)
             if recs:
-                peer.sent_upto = recs[-1].seq
+                peer.sent_upto, peer.sent_at = recs[-1].seq, now
                 out.append(Send(name, self._replicate(tuple(recs))))
             else:
                 out.append(Send(name, self._replicate(())))

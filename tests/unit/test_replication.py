@@ -196,7 +196,8 @@ def test_primary_streams_more_after_each_ack_and_resends_on_tick() -> None:
     pump(p, b, p.tick(0.0), 0.0)  # b syncs at seq 0
     for i in range(20):
         p.append([kv_put(f"k{i}", i)], 1.0)  # all lost on the way
-    pump(p, b, p.tick(1.1), 1.1)
+    assert only(p.tick(1.1), Replicate)[0].records == ()  # in flight: not resent yet
+    pump(p, b, p.tick(1.0 + CFG.resend_after), 1.0 + CFG.resend_after)
     assert store_b.last_seq == 20 and p.lag("b") == 0
 
 
