@@ -191,6 +191,9 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LossyCloud]:
         for node in HOSTS:
             _start(c, node)
         wait_until(lambda: _settled(c), 90, "node-a ENABLED and node-b DISABLED in sync (clc and kv)")
+        wait_until(
+            lambda: c.rows(via="node-c")["node-c.arbitrator"]["state"] == "ENABLED", 30, "arbitrator ENABLED"
+        )
         yield c
     finally:
         with contextlib.suppress(Exception):
