@@ -27,12 +27,15 @@ Both are blocking; the node calls them from a worker thread.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from euca_runtime.log import get_logger
 from euca_runtime.replication import ChainError, ChangeRecord, FencedError, Snapshot
-from euca_runtime.store import LogTruncated, ObjectCache, Store, StoreError
+from euca_runtime.store import LogTruncated, ObjectCache, SnapshotError, SnapshotImport, Store, StoreError
+
+_log = get_logger("component")
 
 HA_STATES = ("STOPPED", "NOTREADY", "DISABLED", "ENABLED", "BROKEN")
 """Service states (DESIGN.md section 5)."""
@@ -202,12 +205,15 @@ class SqlReplicaStore:
 
     The position and fence are cached in memory: only this adapter writes to the store (all
     calls come from the instance's single replication thread), so the cache stays exact.
-    Snapshots are the store's own chunk stream (`Store.export_snapshot`), carried whole in one
-    `StateTransfer` message (bounded by the bus frame size).
+    State transfer streams the store's own chunk format (`Store.export_snapshot`, one read
+    transaction) in messages of about `max_bytes`, and installs it with `Store.begin_import`
+    (one write transaction, committed by the last chunk). An install in progress is aborted
+    by any other write (`append`, `raise_fence`): the store never holds two writers.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._sink: _SqlSnapshotSink | None = None
         self.reload()
 
     def reload(self) -> None:
@@ -216,6 +222,13 @@ class SqlReplicaStore:
         self._fence = self.store.fence()
         self._last_seq = pos.seq
         self._last_epoch = pos.epoch
+
+    def abort_install(self, why: str) -> None:
+        """Roll back a snapshot install in progress, if any (the store stays as it was)."""
+        sink, self._sink = self._sink, None
+        if sink is not None and sink.open:
+            _log.warning("snapshot install aborted", extra={"group": self.store.group, "reason": why})
+            sink.abort()
 
     @property
     def fence_epoch(self) -> int:
@@ -231,6 +244,7 @@ class SqlReplicaStore:
 
     def raise_fence(self, epoch: int) -> None:
         if epoch > self._fence:
+            self.abort_install(f"fence raised to {epoch}")
             self._fence = self.store.raise_fence(epoch)
 
     def epoch_at(self, seq: int) -> int | None:
@@ -240,7 +254,7 @@ class SqlReplicaStore:
             return None
         return self.store.epoch_at(seq)
 
-    def records_after(self, seq: int, limit: int) -> list[ChangeRecord] | None:
+    def records_after(self, seq: int, limit: int, max_bytes: int | None = None) -> list[ChangeRecord] | None:
         if seq > self._last_seq or seq < 0:
             return None
         if seq == self._last_seq:
@@ -249,7 +263,7 @@ class SqlReplicaStore:
         if prev is None:
             return None
         try:
-            rows = self.store.read_log(seq, limit)
+            rows = self.store.read_log(seq, limit, max_bytes=max_bytes)
         except LogTruncated:
             return None
         out: list[ChangeRecord] = []
@@ -259,6 +273,7 @@ class SqlReplicaStore:
         return out
 
     def append(self, record: ChangeRecord, stamp: int) -> None:
+        self.abort_install("a record was appended")
         if stamp < self._fence:
             raise FencedError(stamp, self._fence)
         if record.epoch > stamp:
@@ -272,7 +287,16 @@ class SqlReplicaStore:
         self._fence = max(self._fence, stamp)
         self._last_seq, self._last_epoch = record.seq, record.epoch
 
+    def open_snapshot(self, max_bytes: int) -> _SqlSnapshotSource:
+        return _SqlSnapshotSource(self.store, max_bytes)
+
+    def begin_install(self, seq: int, epoch: int) -> _SqlSnapshotSink:
+        self.abort_install("a new snapshot install")
+        self._sink = _SqlSnapshotSink(self, seq, epoch)
+        return self._sink
+
     def snapshot(self) -> Snapshot:
+        """The whole state in memory (tests and small stores only; transfers use `open_snapshot`)."""
         chunks = list(self.store.export_snapshot())
         head = chunks[0]
         return Snapshot(int(head["seq"]), int(head["epoch"]), chunks)
@@ -280,8 +304,95 @@ class SqlReplicaStore:
     def install(self, snapshot: Snapshot) -> None:
         if not isinstance(snapshot.state, list):
             raise StoreError("a snapshot's state must be the store's chunk list")
+        self.abort_install("a whole snapshot install")
         self.store.import_snapshot(snapshot.state)
         self.reload()
+
+
+class _SqlSnapshotSource:
+    """`Store.export_snapshot` regrouped into transfer chunks: lists of store chunks, each list
+    at most one "rows" chunk (about `max_bytes`) plus the begin and end chunks around it."""
+
+    def __init__(self, store: Store, max_bytes: int) -> None:
+        self._gen: Iterator[dict[str, Any]] | None = store.export_snapshot(
+            chunk_rows=1_000_000, max_bytes=max(1, max_bytes)
+        )
+        head = next(self._gen)
+        self.seq, self.epoch = int(head["seq"]), int(head["epoch"])
+        self._pending: dict[str, Any] | None = head
+
+    def next_chunk(self) -> tuple[Any, bool]:
+        gen = self._gen
+        if gen is None:
+            raise SnapshotError("the snapshot is closed")
+        out: list[dict[str, Any]] = []
+        has_rows = False
+        while True:
+            chunk = self._pending if self._pending is not None else next(gen, None)
+            self._pending = None
+            if chunk is None:
+                raise SnapshotError("snapshot export ended without an end chunk")
+            if chunk["type"] == "rows":
+                if has_rows:
+                    self._pending = chunk
+                    return out, False
+                has_rows = True
+            out.append(chunk)
+            if chunk["type"] == "end":
+                self.close()
+                return out, True
+
+    def close(self) -> None:
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            gen.close()  # type: ignore[attr-defined]
+
+
+class _SqlSnapshotSink:
+    """Feeds transfer chunks to a `SnapshotImport` (one write transaction until the last one)."""
+
+    def __init__(self, owner: SqlReplicaStore, seq: int, epoch: int) -> None:
+        self.owner, self.seq, self.epoch = owner, seq, epoch
+        self.imp: SnapshotImport | None = None
+        self.open = True
+
+    def add(self, data: Any, last: bool) -> None:
+        if not self.open:
+            raise SnapshotError("this snapshot install is finished")
+        try:
+            if not isinstance(data, list) or not all(isinstance(c, Mapping) for c in data):
+                raise SnapshotError("a transfer chunk must be a list of store chunks")
+            done = False
+            for chunk in data:
+                if self.imp is None:
+                    if (chunk.get("seq"), chunk.get("epoch")) != (self.seq, self.epoch):
+                        raise SnapshotError(
+                            f"snapshot begins at ({chunk.get('seq')}, {chunk.get('epoch')}), "
+                            f"announced ({self.seq}, {self.epoch})"
+                        )
+                    self.imp = self.owner.store.begin_import(chunk)
+                elif done:
+                    raise SnapshotError("data after the end chunk")
+                else:
+                    done = self.imp.add(chunk) is not None
+            if last != done:
+                raise SnapshotError("the end chunk and the last transfer chunk disagree")
+        except BaseException:
+            self.abort()
+            raise
+        if done:
+            self.open = False
+            if self.owner._sink is self:
+                self.owner._sink = None
+            self.owner.reload()
+
+    def abort(self) -> None:
+        self.open = False
+        imp, self.imp = self.imp, None
+        if imp is not None:
+            imp.abort()
+        if self.owner._sink is self:
+            self.owner._sink = None
 
 
 class SqlVoterStorage:

@@ -211,6 +211,50 @@ def _http_json(
 # --------------------------------------------------------------------------- creating a layout
 
 
+def node_configs(
+    nodes: Mapping[str, Mapping[str, Any]],
+    ports: Mapping[str, Mapping[str, int]],
+    tls: Mapping[str, Mapping[str, str]],
+    *,
+    data_dirs: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The `euca-runtime serve` configuration of every node of a cloud, as plain dicts.
+
+    `nodes` maps a node name to ``{"ip", "components"}`` (like `HA_NODES`); `ports` gives each
+    node's ``{"bus", "admin", "kv"}`` ports; `tls` its ``{"ca", "cert", "key"}`` paths (as they
+    should appear in the file). Every node is a voter and a peer of every other. `data_dirs`
+    overrides the data dir (default: the node name, relative to the config file); `extra` is
+    merged into every configuration (e.g. ``{"timing": {...}}``). `up` uses it on loopback;
+    the lossy-link test uses it for testbed hosts.
+    """
+    voters = list(nodes)
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in nodes.items():
+        ip = spec["ip"]
+        p = ports[name]
+        cfg: dict[str, Any] = {
+            "node": name,
+            "listen": f"{ip}:{p['bus']}",
+            "admin": f"{ip}:{p['admin']}",
+            "data_dir": (data_dirs or {}).get(name, name),
+            "tls": dict(tls[name]),
+            "peers": {
+                other: f"{ospec['ip']}:{ports[other]['bus']}"
+                for other, ospec in nodes.items()
+                if other != name
+            },
+            "voters": voters,
+            "components": [dict(c) for c in spec["components"]],
+            "log_level": "info",
+        }
+        if any(c["type"] == "kv" for c in spec["components"]):
+            cfg["api"] = {"kv": f"{ip}:{p['kv']}"}
+        cfg.update(extra or {})
+        out[name] = cfg
+    return out
+
+
 def _create(root: Path, ha: bool) -> Layout:
     nodes = HA_NODES if ha else SINGLE_NODES
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -222,33 +266,21 @@ def _create(root: Path, ha: bool) -> Layout:
         n: {"bus": _free_port(spec["ip"]), "admin": _free_port(spec["ip"]), "kv": _free_port(spec["ip"])}
         for n, spec in nodes.items()
     }
-    voters = list(nodes)
+    tls = {
+        n: {
+            "ca": str(pki[n].ca.relative_to(root)),
+            "cert": str(pki[n].cert.relative_to(root)),
+            "key": str(pki[n].key.relative_to(root)),
+        }
+        for n in nodes
+    }
+    configs = node_configs(nodes, ports, tls)
     layout_nodes: dict[str, Any] = {}
     for name, spec in nodes.items():
         ip = spec["ip"]
         p = ports[name]
         has_kv = any(c["type"] == "kv" for c in spec["components"])
-        cfg: dict[str, Any] = {
-            "node": name,
-            "listen": f"{ip}:{p['bus']}",
-            "admin": f"{ip}:{p['admin']}",
-            "data_dir": name,
-            "tls": {
-                "ca": str(pki[name].ca.relative_to(root)),
-                "cert": str(pki[name].cert.relative_to(root)),
-                "key": str(pki[name].key.relative_to(root)),
-            },
-            "peers": {
-                other: f"{ospec['ip']}:{ports[other]['bus']}"
-                for other, ospec in nodes.items()
-                if other != name
-            },
-            "voters": voters,
-            "components": spec["components"],
-            "log_level": "info",
-        }
-        if has_kv:
-            cfg["api"] = {"kv": f"{ip}:{p['kv']}"}
+        cfg = configs[name]
         cfg_path = root / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         load_config(cfg_path)  # validate what we wrote
@@ -260,7 +292,7 @@ def _create(root: Path, ha: bool) -> Layout:
             "config": cfg_path.name,
             "admin": f"http://{ip}:{p['admin']}",
             "api": {"kv": f"http://{ip}:{p['kv']}"} if has_kv else {},
-            "voter": name in voters,
+            "voter": True,
             "components": spec["components"],
         }
     doc = {"version": 1, "mode": "ha" if ha else "single", "nodes": layout_nodes}

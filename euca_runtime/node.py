@@ -101,7 +101,8 @@ from euca_runtime.replication import (
     ReplicationBackup,
     ReplicationConfig,
     ReplicationPrimary,
-    StateTransfer,
+    SnapshotChunk,
+    SnapshotPull,
 )
 from euca_runtime.store import ObjectCache, Store, StoreError, sqlite_url
 from euca_runtime.tls import client_context, server_context, write_private
@@ -283,6 +284,7 @@ class Instance:
         self.backup_heard = -math.inf
         self.synced_epoch = 0
         self.following: str | None = None
+        self.receiving: tuple[int, int] | None = None  # state transfer: (chunks applied, snapshot seq)
         self.recorded: frozenset[str] | None = None
         self.lags: dict[str, int | None] = {}
         self.known_in_sync = False
@@ -382,6 +384,8 @@ class Instance:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._run(self._drop_replication)  # close open snapshots / staged installs
         self._exec.shutdown(wait=True, cancel_futures=True)
         if self._cache is not None:
             self._cache.close()
@@ -424,6 +428,12 @@ class Instance:
             return "NOTREADY", f"elected (epoch {cand.epoch}); recording the in-sync set"
         if self.known_in_sync:
             return "DISABLED", "in sync" + (f" with {self.following}" if self.following else "")
+        if self.following and self.receiving is not None:
+            chunks, seq = self.receiving
+            return (
+                "NOTREADY",
+                f"receiving a state transfer (seq {seq}) from {self.following}: {chunks} chunks",
+            )
         if self.following:
             return "NOTREADY", f"catching up with {self.following}"
         return "NOTREADY", self.step_down_cause or "waiting for a primary"
@@ -514,8 +524,26 @@ class Instance:
             self.backup_heard = b.last_heard
             self.synced_epoch = b.synced_epoch
             self.following = b.primary
+            self.receiving = b.transfer
         else:
             self.following = None
+            self.receiving = None
+
+    def _set_primary(self, p: ReplicationPrimary | None) -> None:
+        """Replace the primary core, closing the snapshots of the old one's state transfers."""
+        old, self._primary = self._primary, p
+        if old is not None and old is not p:
+            old.close()
+
+    def _set_backup(self, b: ReplicationBackup | None, why: str) -> None:
+        """Replace the backup core, aborting a state transfer the old one was receiving."""
+        old, self._backup = self._backup, b
+        if old is not None and old is not b:
+            old.abort_transfer(why)
+
+    def _drop_replication(self) -> None:
+        self._set_primary(None)
+        self._set_backup(None, "shutting down")
 
     def _post_primary(self, p: ReplicationPrimary, now: float, sends: list[Send]) -> _JobResult:
         proposal = p.next_in_sync_proposal(now)
@@ -532,14 +560,16 @@ class Instance:
         except FencedError as exc:
             self._mirror()
             return _JobResult(observe=exc.fence)
-        self._primary = p
-        self._backup = None
+        self._set_primary(p)
+        self._set_backup(None, "became the primary")
         return self._post_primary(p, now, [])
 
     def _job_become_backup(self, reset: bool = False) -> _JobResult:
-        self._primary = None
+        self._set_primary(None)
         if (self._backup is None or reset) and self._rstore is not None:
-            self._backup = ReplicationBackup(self.name, self.group, self._rstore, self.node.repl_config)
+            self._set_backup(
+                ReplicationBackup(self.name, self.group, self._rstore, self.node.repl_config), "reset"
+            )
         self._mirror()
         return _JobResult()
 
@@ -585,14 +615,14 @@ class Instance:
     def _job_message(self, msg: Any) -> _JobResult:
         now = self._mono()
         p = self._primary
-        if isinstance(msg, Replicate | StateTransfer):
+        if isinstance(msg, Replicate | SnapshotChunk):
             observe = None
             if p is not None:
                 if msg.epoch < p.epoch:
                     return _JobResult(sends=[Send(msg.sender, Fenced(self.group, self.name, p.epoch))])
                 if msg.epoch == p.epoch:
                     return _JobResult()
-                self._primary = None  # deposed: a newer primary exists
+                self._set_primary(None)  # deposed: a newer primary exists
                 observe = msg.epoch
             if self.stopped or self._rstore is None:
                 self._mirror()
@@ -610,6 +640,10 @@ class Instance:
             if p is None:
                 return _JobResult()
             return self._post_primary(p, now, p.on_catch_up(msg, now))
+        if isinstance(msg, SnapshotPull):
+            if p is None:
+                return _JobResult()
+            return self._post_primary(p, now, p.on_pull(msg, now))
         return _JobResult()
 
     # ------------------------------------------------------------------ loop-side handling
@@ -742,13 +776,13 @@ class Instance:
             self._after_lease()
             self.update_state()
             return out
-        if isinstance(msg, Replicate | StateTransfer):
+        if isinstance(msg, Replicate | SnapshotChunk):
             if cand.role is Role.HOLDER and msg.epoch < cand.epoch:
                 return [Send(msg.sender, Fenced(self.group, self.name, cand.epoch))]
             if cand.role is not Role.FOLLOWER and msg.epoch > cand.epoch:
                 self.node.send(cand.observe_epoch(msg.epoch, now))
                 self._after_lease()
-        if isinstance(msg, Replicate | StateTransfer | ReplicateAck | CatchUpRequest):
+        if isinstance(msg, Replicate | SnapshotChunk | ReplicateAck | CatchUpRequest | SnapshotPull):
             try:
                 r = await self._submit(lambda: self._job_message(msg), sends=False)
             except ServiceUnavailable:

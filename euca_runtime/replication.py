@@ -24,11 +24,25 @@ It adds a backup only once the backup has acknowledged everything already commit
 Backup (`ReplicationBackup`): fences (a message from an epoch below the highest it has seen is
 answered with `Fenced`), applies records strictly in order, buffers out-of-order ones and asks
 for catch-up on a gap or a mismatch. Catch-up is log records from its position when the
-primary's log contains that position, otherwise a state transfer: a `Snapshot` of the primary's
+primary's log contains that position, otherwise a state transfer: a snapshot of the primary's
 whole state at ``(seq, epoch)`` that replaces the backup's state, which is how a deposed
 primary's divergent suffix (records beyond the new primary's history from an older epoch) is
 discarded. A snapshot is installed only in answer to a request made from the backup's current
 position, so a stale or duplicated one can never move a replica backwards.
+
+State transfer is streamed and pulled. The primary opens a consistent snapshot (one read
+transaction, `ReplicaStore.open_snapshot`) and sends its first `SnapshotChunk` (chunks of about
+`ReplicationConfig.chunk_bytes`); the backup applies each chunk to a staged install
+(`ReplicaStore.begin_install`, one write transaction in the SQL store) and pulls the next one
+with `SnapshotPull`. So at most one chunk is in flight per backup and memory on both sides is
+a few chunks, whatever the size of the state. Every chunk carries the primary's epoch: chunks
+of an older epoch are fenced, and a newer epoch (a failover) aborts the staged install. The
+staged state becomes visible only with the last chunk, atomically, after which the backup acks
+the snapshot's seq and the primary continues with its log from there. Until then the backup
+keeps its old state and position, applies no records, acks nothing and so stays out of the
+in-sync set (NOTREADY); a transfer that stops progressing for `transfer_timeout` (or whose
+primary changed, or that failed to apply) is aborted and started again from scratch. A lost
+chunk is pulled again after `catch_up_retry`: the primary keeps the last chunk it sent.
 """
 
 from __future__ import annotations
@@ -95,6 +109,14 @@ class ReplicationConfig:
     """Backup: repeat an unanswered catch-up request; primary: repeat a state transfer."""
     buffer_limit: int = 1024
     """Out-of-order records a backup keeps while it waits for the gap to fill."""
+    chunk_bytes: int = 1024 * 1024
+    """Target size of one `SnapshotChunk` (a single bigger row travels alone) and of the
+    records of one catch-up `Replicate` (a single bigger record travels alone)."""
+    resend_after: float = 0.3
+    """Primary: records sent to a backup and not acknowledged for this long are sent again
+    (one catch-up batch in flight at a time, so a slow backup is not buried in duplicates)."""
+    transfer_timeout: float = 10.0
+    """State transfer without progress for this long is abandoned (backup) or closed (primary)."""
 
 
 # --------------------------------------------------------------------------- messages
@@ -144,18 +166,46 @@ class CatchUpRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class StateTransfer:
-    """Primary -> backup: answer to a catch-up from (for_seq, for_epoch) that the log cannot serve."""
+class SnapshotChunk:
+    """Primary -> backup: chunk `index` of state transfer `transfer`.
+
+    The transfer answers a catch-up from (for_seq, for_epoch) that the log cannot serve; the
+    snapshot is the primary's state at (seq, snap_epoch); `data` is opaque (the store's chunk
+    format); `last` marks the final chunk.
+    """
 
     group: str
     sender: str
     epoch: int
     for_seq: int
     for_epoch: int
-    snapshot: Snapshot
+    transfer: int
+    index: int
+    seq: int
+    snap_epoch: int
+    data: Any
+    last: bool
 
 
-REPLICATION_MESSAGES: tuple[type, ...] = (Replicate, ReplicateAck, Fenced, CatchUpRequest, StateTransfer)
+@dataclass(frozen=True, slots=True)
+class SnapshotPull:
+    """Backup -> primary (of `epoch`): I applied the chunks before `index`; send chunk `index`."""
+
+    group: str
+    sender: str
+    epoch: int
+    transfer: int
+    index: int
+
+
+REPLICATION_MESSAGES: tuple[type, ...] = (
+    Replicate,
+    ReplicateAck,
+    Fenced,
+    CatchUpRequest,
+    SnapshotChunk,
+    SnapshotPull,
+)
 _BY_NAME = {cls.__name__: cls for cls in REPLICATION_MESSAGES}
 
 
@@ -168,8 +218,6 @@ def encode(msg: Any) -> dict[str, Any]:
         value = getattr(msg, name)
         if name == "records":
             value = [[r.epoch, r.seq, r.prev_epoch, [dict(op) for op in r.ops]] for r in value]
-        elif name == "snapshot":
-            value = {"seq": value.seq, "epoch": value.epoch, "state": value.state}
         doc[name] = value
     return doc
 
@@ -186,9 +234,6 @@ def decode(doc: Mapping[str, Any]) -> Any:
                 ChangeRecord(int(e), int(s), int(p), tuple(dict(op) for op in ops))
                 for e, s, p, ops in kwargs["records"]
             )
-        if "snapshot" in kwargs:
-            snap = kwargs["snapshot"]
-            kwargs["snapshot"] = Snapshot(int(snap["seq"]), int(snap["epoch"]), snap["state"])
         return cls(**kwargs)
     except (TypeError, KeyError, ValueError) as exc:
         raise ValueError(f"bad {cls.__name__}: {exc}") from exc
@@ -230,14 +275,42 @@ class KVStateMachine:
         self.data = copy.deepcopy(dict(state))
 
 
+class SnapshotSource(Protocol):
+    """A consistent snapshot being read chunk by chunk (`ReplicaStore.open_snapshot`)."""
+
+    seq: int
+    epoch: int
+
+    def next_chunk(self) -> tuple[Any, bool]:
+        """The next chunk of data and whether it is the last one."""
+        ...
+
+    def close(self) -> None:
+        """Release the snapshot (idempotent); done after the last chunk too."""
+        ...
+
+
+class SnapshotSink(Protocol):
+    """A snapshot being installed chunk by chunk (`ReplicaStore.begin_install`)."""
+
+    def add(self, data: Any, last: bool) -> None:
+        """Stage one chunk; the last one installs everything atomically. Raises on bad data."""
+        ...
+
+    def abort(self) -> None:
+        """Drop what was staged; the store stays as it was (idempotent)."""
+        ...
+
+
 class ReplicaStore(Protocol):
     """A replica's durable side: state, change log, log position and fence, updated atomically.
 
     SQL mapping: `append` is one transaction that checks the fence (against the delivering
     primary's epoch, see `append`) and the chain, applies the
-    ops to the component tables, inserts the change-log row and moves the position; `install`
-    replaces the tables, empties the log and sets the base position; `raise_fence` updates the
-    fence row. The log may be compacted (oldest records dropped) at any time.
+    ops to the component tables, inserts the change-log row and moves the position; a
+    snapshot install is one transaction that replaces the tables, empties the log and sets the
+    base position; `raise_fence` updates the fence row. The log may be compacted (oldest
+    records dropped) at any time.
     """
 
     @property
@@ -255,8 +328,12 @@ class ReplicaStore(Protocol):
         """Epoch of the record at `seq` (or of the snapshot base); None if not known."""
         ...
 
-    def records_after(self, seq: int, limit: int) -> list[ChangeRecord] | None:
-        """Up to `limit` records from ``seq + 1``; None when ``seq + 1`` was compacted away."""
+    def records_after(self, seq: int, limit: int, max_bytes: int | None = None) -> list[ChangeRecord] | None:
+        """Up to `limit` records from ``seq + 1``; None when ``seq + 1`` was compacted away.
+
+        With `max_bytes`, stop before the records' (packed) ops exceed it, but return at least
+        one record: a catch-up message stays about that size whatever the records hold.
+        """
         ...
 
     def append(self, record: ChangeRecord, stamp: int) -> None:
@@ -269,17 +346,31 @@ class ReplicaStore(Protocol):
         """
         ...
 
-    def snapshot(self) -> Snapshot: ...
+    def open_snapshot(self, max_bytes: int) -> SnapshotSource:
+        """A consistent snapshot of the whole state at the current position, in chunks of about
+        `max_bytes`; it stays consistent while writes continue (until it is closed)."""
+        ...
 
-    def install(self, snapshot: Snapshot) -> None: ...
+    def begin_install(self, seq: int, epoch: int) -> SnapshotSink:
+        """Stage a snapshot taken at (seq, epoch) that will replace the state, log and position.
+
+        Nothing changes until the sink's last chunk; while a sink is open no other write may
+        happen (`append` or `raise_fence` abort it first).
+        """
+        ...
 
 
 class MemoryReplicaStore:
     """`ReplicaStore` in memory, keeping the last `retention` records of the log."""
 
-    def __init__(self, machine: StateMachine | None = None, retention: int = 1024) -> None:
+    def __init__(
+        self, machine: StateMachine | None = None, retention: int = 1024, chunk_items: int = 64
+    ) -> None:
         self.machine: StateMachine = machine if machine is not None else KVStateMachine()
         self.retention = retention
+        self.chunk_items = chunk_items
+        """Key/value pairs per snapshot chunk (a dict state; anything else is one chunk)."""
+        self._sink: _MemorySnapshotSink | None = None
         self._fence = 0
         self._base_seq = 0
         self._base_epoch = 0
@@ -303,6 +394,8 @@ class MemoryReplicaStore:
         return getattr(self.machine, "data", None)
 
     def raise_fence(self, epoch: int) -> None:
+        if self._sink is not None:
+            self._sink.abort()
         self._fence = max(self._fence, epoch)
 
     def epoch_at(self, seq: int) -> int | None:
@@ -312,13 +405,22 @@ class MemoryReplicaStore:
             return self._log[seq - self._base_seq - 1].epoch
         return None
 
-    def records_after(self, seq: int, limit: int) -> list[ChangeRecord] | None:
+    def records_after(self, seq: int, limit: int, max_bytes: int | None = None) -> list[ChangeRecord] | None:
         if seq < self._base_seq or seq > self.last_seq:
             return None
         start = seq - self._base_seq
-        return self._log[start : start + limit]
+        out = self._log[start : start + limit]
+        if max_bytes is not None:
+            size = 0
+            for i, r in enumerate(out):
+                size += len(repr(r.ops))
+                if i > 0 and size > max_bytes:
+                    return out[:i]
+        return out
 
     def append(self, record: ChangeRecord, stamp: int) -> None:
+        if self._sink is not None:
+            self._sink.abort()
         if stamp < self._fence:
             raise FencedError(stamp, self._fence)
         if record.epoch > stamp:
@@ -344,8 +446,91 @@ class MemoryReplicaStore:
         self._log = []
         self._base_seq, self._base_epoch = snapshot.seq, snapshot.epoch
 
+    def open_snapshot(self, max_bytes: int) -> SnapshotSource:
+        return _MemorySnapshotSource(self.snapshot(), self.chunk_items)
+
+    def begin_install(self, seq: int, epoch: int) -> SnapshotSink:
+        if self._sink is not None:
+            self._sink.abort()
+        self._sink = _MemorySnapshotSink(self, seq, epoch)
+        return self._sink
+
+
+class _MemorySnapshotSource:
+    """A dict state as chunks of `items` [key, value] pairs; any other state in one chunk."""
+
+    def __init__(self, snap: Snapshot, items: int) -> None:
+        self.seq, self.epoch = snap.seq, snap.epoch
+        state = snap.state
+        self._pairs: list[list[Any]] | None = (
+            [[k, v] for k, v in state.items()] if isinstance(state, Mapping) else None
+        )
+        self._whole = state
+        self._items = max(1, items)
+        self._pos = 0
+
+    def next_chunk(self) -> tuple[Any, bool]:
+        if self._pairs is None:
+            return {"whole": self._whole}, True
+        part = self._pairs[self._pos : self._pos + self._items]
+        self._pos += len(part)
+        return {"pairs": part}, self._pos >= len(self._pairs)
+
+    def close(self) -> None:
+        self._pairs = []
+
+
+class _MemorySnapshotSink:
+    def __init__(self, store: MemoryReplicaStore, seq: int, epoch: int) -> None:
+        self.store, self.seq, self.epoch = store, seq, epoch
+        self.staged: dict[Any, Any] = {}
+        self.whole: Any = None
+        self.open = True
+
+    def add(self, data: Any, last: bool) -> None:
+        if not self.open:
+            raise ValueError("this snapshot install is finished")
+        if not isinstance(data, Mapping) or not ("pairs" in data or "whole" in data):
+            self.abort()
+            raise ValueError(f"bad snapshot chunk {data!r}")
+        if "whole" in data:
+            self.whole = data["whole"]
+        else:
+            for k, v in data["pairs"]:
+                self.staged[k] = v
+        if last:
+            self.open = False
+            self.store._sink = None
+            self.store.install(Snapshot(self.seq, self.epoch, self.whole if "whole" in data else self.staged))
+
+    def abort(self) -> None:
+        if self.open:
+            self.open = False
+            self.staged = {}
+            if self.store._sink is self:
+                self.store._sink = None
+
 
 # --------------------------------------------------------------------------- primary
+
+
+@dataclass
+class _Outgoing:
+    """A state transfer the primary serves to one backup: the open snapshot and the last chunk."""
+
+    id: int
+    for_pos: tuple[int, int]
+    source: SnapshotSource | None
+    seq: int
+    snap_epoch: int
+    started: float
+    last_activity: float
+    chunk: SnapshotChunk | None = None
+
+    def close(self) -> None:
+        src, self.source = self.source, None
+        if src is not None:
+            src.close()
 
 
 @dataclass
@@ -355,8 +540,9 @@ class _Peer:
     sent_upto: int = -1
     last_progress: float = NEVER
     behind_since: float | None = None
-    snapshot_sent_at: float = NEVER
-    snapshot_for: tuple[int, int] | None = None
+    sent_at: float = NEVER
+    """When what is in flight (sent_upto > acked) was sent, or acks last made progress."""
+    transfer: _Outgoing | None = None
 
 
 class ReplicationPrimary:
@@ -391,8 +577,29 @@ class ReplicationPrimary:
         self.recorded: frozenset[str] | None = None
         self.proposed: frozenset[str] | None = None
         self.joined: set[str] = set()
+        self._transfers = 0
         self.set_members(members, now)
         self.commit_seq = store.last_seq
+
+    def close(self) -> None:
+        """Release every open snapshot (call when this object is discarded: step-down, stop)."""
+        for peer in self.peers.values():
+            self._end_transfer(peer)
+
+    @staticmethod
+    def _end_transfer(peer: _Peer) -> None:
+        t, peer.transfer = peer.transfer, None
+        if t is not None:
+            t.close()
+
+    @property
+    def transfers(self) -> dict[str, tuple[int, int]]:
+        """Running state transfers: member -> (chunks sent, snapshot seq)."""
+        return {
+            m: (p.transfer.chunk.index + 1 if p.transfer.chunk else 0, p.transfer.seq)
+            for m, p in self.peers.items()
+            if p.transfer is not None
+        }
 
     # -- membership
 
@@ -402,7 +609,7 @@ class ReplicationPrimary:
         for m in wanted:
             self.peers.setdefault(m, _Peer(last_progress=now))
         for m in [m for m in self.peers if m not in wanted]:
-            del self.peers[m]
+            self._end_transfer(self.peers.pop(m))
             self.joined.discard(m)
 
     @property
@@ -470,6 +677,8 @@ class ReplicationPrimary:
             if name in required and peer.behind_since is None:
                 peer.behind_since = now
             if peer.acked >= 0 and peer.sent_upto == rec.seq - 1:
+                if peer.sent_upto <= peer.acked:
+                    peer.sent_at = now  # the oldest unacknowledged send
                 peer.sent_upto = rec.seq
                 out.append(Send(name, self._replicate((rec,))))
         self._advance_commit()
@@ -502,9 +711,11 @@ class ReplicationPrimary:
             return []
         last = self.store.last_seq
         seq = min(msg.seq, last)
+        if peer.transfer is not None and seq >= peer.transfer.seq:
+            self._end_transfer(peer)  # installed: the log takes over from its seq
         if seq > peer.acked:
             peer.acked = seq
-            peer.last_progress = now
+            peer.last_progress = peer.sent_at = now
             peer.behind_since = None if seq >= last else now
         elif seq >= last:
             peer.behind_since = None
@@ -513,14 +724,14 @@ class ReplicationPrimary:
             self.joined.add(msg.sender)
         self._advance_commit()
         if peer.acked < last and peer.sent_upto <= peer.acked:
-            return self._send_from(msg.sender, peer)
+            return self._send_from(msg.sender, peer, now)
         return []
 
-    def _send_from(self, name: str, peer: _Peer) -> list[Send]:
-        recs = self.store.records_after(peer.acked, self.config.batch)
+    def _send_from(self, name: str, peer: _Peer, now: float) -> list[Send]:
+        recs = self.store.records_after(peer.acked, self.config.batch, self.config.chunk_bytes)
         if not recs:
             return []
-        peer.sent_upto = recs[-1].seq
+        peer.sent_upto, peer.sent_at = recs[-1].seq, now
         return [Send(name, self._replicate(tuple(recs)))]
 
     def on_catch_up(self, msg: CatchUpRequest, now: float) -> list[Send]:
@@ -529,27 +740,86 @@ class ReplicationPrimary:
             return []
         store = self.store
         if msg.last_seq <= store.last_seq and store.epoch_at(msg.last_seq) == msg.last_epoch:
-            recs = store.records_after(msg.last_seq, self.config.batch)
+            recs = store.records_after(msg.last_seq, self.config.batch, self.config.chunk_bytes)
             if recs is not None:
                 if recs:
-                    peer.sent_upto = max(peer.sent_upto, recs[-1].seq)
+                    peer.sent_upto, peer.sent_at = max(peer.sent_upto, recs[-1].seq), now
                 return [Send(msg.sender, self._replicate(tuple(recs)))]
         position = (msg.last_seq, msg.last_epoch)
-        if peer.snapshot_for == position and now - peer.snapshot_sent_at < self.config.catch_up_retry:
+        t = peer.transfer
+        if t is not None and t.for_pos == position:
+            if now - t.last_activity < self.config.catch_up_retry:
+                return []  # a repeated request while the transfer is being answered
+            if t.chunk is not None and t.chunk.index == 0 and now - t.started < self.config.transfer_timeout:
+                t.last_activity = now  # the first chunk was lost: send it again
+                return [Send(msg.sender, t.chunk)]
+        self._end_transfer(peer)
+        try:
+            source = store.open_snapshot(self.config.chunk_bytes)
+        except Exception:
+            log.exception("cannot open a snapshot", extra={"group": self.group, "peer": msg.sender})
             return []
-        peer.snapshot_for, peer.snapshot_sent_at = position, now
+        self._transfers += 1
+        t = _Outgoing(self._transfers, position, source, source.seq, source.epoch, now, now)
+        peer.transfer = t
         log.info(
             "state transfer",
-            extra={"group": self.group, "epoch": self.epoch, "peer": msg.sender, "from_seq": msg.last_seq},
+            extra={
+                "group": self.group,
+                "epoch": self.epoch,
+                "peer": msg.sender,
+                "from_seq": msg.last_seq,
+                "seq": t.seq,
+                "transfer": t.id,
+            },
         )
-        return [
-            Send(
-                msg.sender,
-                StateTransfer(
-                    self.group, self.name, self.epoch, msg.last_seq, msg.last_epoch, store.snapshot()
-                ),
+        return self._next_chunk(msg.sender, peer, t, now)
+
+    def _next_chunk(self, name: str, peer: _Peer, t: _Outgoing, now: float) -> list[Send]:
+        src = t.source
+        if src is None:
+            return []
+        try:
+            data, last = src.next_chunk()
+        except Exception:
+            log.exception(
+                "state transfer failed", extra={"group": self.group, "peer": name, "transfer": t.id}
             )
-        ]
+            self._end_transfer(peer)
+            return []
+        index = t.chunk.index + 1 if t.chunk is not None else 0
+        t.chunk = SnapshotChunk(
+            self.group,
+            self.name,
+            self.epoch,
+            t.for_pos[0],
+            t.for_pos[1],
+            t.id,
+            index,
+            t.seq,
+            t.snap_epoch,
+            data,
+            last,
+        )
+        t.last_activity = now
+        if last:
+            t.close()  # the read transaction is not needed any more; keep the chunk for a resend
+        return [Send(name, t.chunk)]
+
+    def on_pull(self, msg: SnapshotPull, now: float) -> list[Send]:
+        """The backup applied the chunks before `msg.index`: send that one (again, if lost)."""
+        peer = self.peers.get(msg.sender)
+        if peer is None or msg.epoch != self.epoch:
+            return []
+        t = peer.transfer
+        if t is None or t.id != msg.transfer or t.chunk is None:
+            return []
+        if msg.index == t.chunk.index:
+            t.last_activity = now
+            return [Send(msg.sender, t.chunk)]
+        if msg.index == t.chunk.index + 1 and not t.chunk.last:
+            return self._next_chunk(msg.sender, peer, t, now)
+        return []
 
     def tick(self, now: float) -> list[Send]:
         """Heartbeat every member, resend what is unacknowledged, forget dead joiners."""
@@ -557,16 +827,24 @@ class ReplicationPrimary:
         pinned = (self.recorded or frozenset()) | (self.proposed or frozenset())
         required = self.required()
         for name, peer in self.peers.items():
+            t = peer.transfer
+            if t is not None and now - t.last_activity >= self.config.transfer_timeout:
+                log.warning(
+                    "state transfer abandoned by the backup",
+                    extra={"group": self.group, "epoch": self.epoch, "peer": name, "transfer": t.id},
+                )
+                self._end_transfer(peer)
             if name in self.joined and name not in pinned and self._dead(name, now):
                 self.joined.discard(name)
                 peer.behind_since = None
             elif name in required and peer.behind_since is None and peer.acked < self.store.last_seq:
                 peer.behind_since = now
             recs = None
-            if 0 <= peer.acked < self.store.last_seq:
-                recs = self.store.records_after(peer.acked, self.config.batch)
+            in_flight = peer.sent_upto > peer.acked and now - peer.sent_at < self.config.resend_after
+            if 0 <= peer.acked < self.store.last_seq and not in_flight:
+                recs = self.store.records_after(peer.acked, self.config.batch, self.config.chunk_bytes)
             if recs:
-                peer.sent_upto = recs[-1].seq
+                peer.sent_upto, peer.sent_at = recs[-1].seq, now
                 out.append(Send(name, self._replicate(tuple(recs))))
             else:
                 out.append(Send(name, self._replicate(())))
@@ -575,6 +853,22 @@ class ReplicationPrimary:
 
 
 # --------------------------------------------------------------------------- backup
+
+
+@dataclass
+class _Incoming:
+    """A state transfer a backup is receiving: where it stages chunks and what comes next."""
+
+    primary: str
+    epoch: int
+    id: int
+    seq: int
+    snap_epoch: int
+    sink: SnapshotSink
+    started: float
+    last_chunk_at: float
+    last_pull_at: float
+    next_index: int = 0
 
 
 class ReplicationBackup:
@@ -594,16 +888,44 @@ class ReplicationBackup:
         self._buffer: dict[int, ChangeRecord] = {}
         self._asked: tuple[int, int, int] | None = None
         self._asked_at = NEVER
+        self._incoming: _Incoming | None = None
 
     @property
     def position(self) -> tuple[int, int]:
         return (self.store.last_seq, self.store.last_epoch)
+
+    @property
+    def transfer(self) -> tuple[int, int] | None:
+        """(chunks applied, snapshot seq) of the state transfer being received, if any."""
+        t = self._incoming
+        return None if t is None else (t.next_index, t.seq)
+
+    def abort_transfer(self, why: str) -> None:
+        """Drop a state transfer being received (staged data discarded, store unchanged)."""
+        t, self._incoming = self._incoming, None
+        if t is None:
+            return
+        t.sink.abort()
+        self._asked = None
+        log.warning(
+            "state transfer aborted",
+            extra={
+                "group": self.group,
+                "epoch": t.epoch,
+                "peer": t.primary,
+                "transfer": t.id,
+                "chunks": t.next_index,
+                "reason": why,
+            },
+        )
 
     def _fence(self, sender: str, epoch: int) -> list[Send] | None:
         """Reject a stale epoch; raise the durable fence for a newer one."""
         fence = self.store.fence_epoch
         if epoch < fence:
             return [Send(sender, Fenced(self.group, self.name, fence))]
+        if self._incoming is not None and self._incoming.epoch != epoch:
+            self.abort_transfer(f"a primary of epoch {epoch} appeared")
         if epoch > fence:
             self.store.raise_fence(epoch)
         if epoch != self.synced_epoch:
@@ -615,6 +937,16 @@ class ReplicationBackup:
         if rejected is not None:
             return rejected
         self.primary, self.last_heard = msg.sender, now
+        t = self._incoming
+        if t is not None:
+            # Receiving a snapshot: records wait (the log catch-up follows from its seq).
+            quiet = now - t.last_chunk_at
+            if quiet < self.config.transfer_timeout:
+                if quiet >= self.config.catch_up_retry and now - t.last_pull_at >= self.config.catch_up_retry:
+                    t.last_pull_at = now  # the chunk or our pull was lost: pull it again
+                    return [Send(t.primary, SnapshotPull(self.group, self.name, t.epoch, t.id, t.next_index))]
+                return []
+            self.abort_transfer(f"no chunk for {quiet:.1f} s")
         need_catch_up = False
         for rec in sorted(msg.records, key=lambda r: r.seq):
             if not self._offer(rec, msg.epoch):
@@ -678,28 +1010,73 @@ class ReplicationBackup:
         self._asked, self._asked_at = key, now
         return [Send(primary, CatchUpRequest(self.group, self.name, epoch, seq, last_epoch))]
 
-    def on_state_transfer(self, msg: StateTransfer, now: float) -> list[Send]:
+    def on_chunk(self, msg: SnapshotChunk, now: float) -> list[Send]:
         rejected = self._fence(msg.sender, msg.epoch)
         if rejected is not None:
             return rejected
-        if (msg.for_seq, msg.for_epoch) != self.position:
-            return []  # answers a request from a position we have left: stale or duplicated
-        self.store.install(msg.snapshot)
-        self.synced_epoch = msg.epoch
+        t = self._incoming
+        if t is None or (t.epoch, t.id, t.primary) != (msg.epoch, msg.transfer, msg.sender):
+            if msg.index != 0 or (msg.for_seq, msg.for_epoch) != self.position:
+                return []  # answers a request from a position we have left: stale or duplicated
+            if t is not None:
+                self.abort_transfer(f"replaced by transfer {msg.transfer}")
+            t = _Incoming(
+                msg.sender,
+                msg.epoch,
+                msg.transfer,
+                msg.seq,
+                msg.snap_epoch,
+                self.store.begin_install(msg.seq, msg.snap_epoch),
+                now,
+                now,
+                now,
+            )
+            self._incoming = t
+            self.synced_epoch = 0  # our state is about to be replaced: not in step with anyone
+            self._buffer.clear()
+            log.info(
+                "state transfer receiving",
+                extra={"group": self.group, "epoch": msg.epoch, "peer": msg.sender, "seq": msg.seq},
+            )
+        elif msg.index != t.next_index:
+            return []  # a duplicate (a resend crossed our pull)
         self.primary, self.last_heard = msg.sender, now
-        self._buffer.clear()
+        try:
+            t.sink.add(msg.data, msg.last)
+        except Exception as exc:  # noqa: BLE001 - any bad chunk aborts the transfer; we ask again
+            self.abort_transfer(f"chunk {msg.index} failed: {type(exc).__name__}: {exc}")
+            return []
+        t.next_index += 1
+        t.last_chunk_at = t.last_pull_at = now
+        if not msg.last:
+            return [Send(msg.sender, SnapshotPull(self.group, self.name, msg.epoch, t.id, t.next_index))]
+        self._incoming = None
+        if self.position != (msg.seq, msg.snap_epoch):
+            log.error(
+                "state transfer installed at the wrong position",
+                extra={"group": self.group, "peer": msg.sender, "seq": msg.seq, "position": self.position},
+            )
+            return []
+        self.synced_epoch = msg.epoch
         self._asked = None
         log.info(
             "state transfer installed",
-            extra={"group": self.group, "epoch": msg.epoch, "peer": msg.sender, "seq": msg.snapshot.seq},
+            extra={
+                "group": self.group,
+                "epoch": msg.epoch,
+                "peer": msg.sender,
+                "seq": msg.seq,
+                "chunks": t.next_index,
+                "seconds": round(now - t.started, 3),
+            },
         )
         return [Send(msg.sender, ReplicateAck(self.group, self.name, msg.epoch, self.store.last_seq))]
 
     def handle(self, msg: Any, now: float) -> list[Send]:
         if isinstance(msg, Replicate):
             return self.on_replicate(msg, now)
-        if isinstance(msg, StateTransfer):
-            return self.on_state_transfer(msg, now)
+        if isinstance(msg, SnapshotChunk):
+            return self.on_chunk(msg, now)
         raise TypeError(f"backup cannot handle {type(msg).__name__}")
 
 
@@ -725,7 +1102,10 @@ __all__ = [
     "ReplicationPrimary",
     "Send",
     "Snapshot",
+    "SnapshotChunk",
+    "SnapshotPull",
+    "SnapshotSink",
+    "SnapshotSource",
     "StateMachine",
-    "StateTransfer",
     "kv_put",
 ]

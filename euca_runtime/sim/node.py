@@ -46,7 +46,8 @@ from euca_runtime.replication import (
     ReplicationConfig,
     ReplicationPrimary,
     Send,
-    StateTransfer,
+    SnapshotChunk,
+    SnapshotPull,
     kv_put,
 )
 
@@ -135,7 +136,7 @@ class SimNode:
         self.factories = factories
         # Durable.
         self.voter_storage: VoterStorage = factories.voter_storage()
-        self.store = MemoryReplicaStore(retention=log_retention)
+        self.store = MemoryReplicaStore(retention=log_retention, chunk_items=4)
         # Volatile.
         self.up = False
         self.paused = False
@@ -293,7 +294,7 @@ class SimNode:
             self._emit(cand.on_lease_reply(msg, now))
         elif isinstance(msg, InSyncReply):
             self._emit(cand.on_in_sync_reply(msg, now))
-        elif isinstance(msg, Replicate | StateTransfer):
+        elif isinstance(msg, Replicate | SnapshotChunk):
             self._on_replication(src, msg, now)
         elif isinstance(msg, ReplicateAck):
             if self.primary is not None:
@@ -301,6 +302,9 @@ class SimNode:
         elif isinstance(msg, CatchUpRequest):
             if self.primary is not None:
                 self._emit(self.primary.on_catch_up(msg, now))
+        elif isinstance(msg, SnapshotPull):
+            if self.primary is not None:
+                self._emit(self.primary.on_pull(msg, now))
         elif isinstance(msg, Fenced):
             self._emit(cand.observe_epoch(msg.epoch, now))
         elif isinstance(msg, ClientWrite):
@@ -309,7 +313,7 @@ class SimNode:
             raise TypeError(f"unexpected message {type(msg).__name__}")
         self._after_lease(now)
 
-    def _on_replication(self, src: str, msg: Replicate | StateTransfer, now: float) -> None:
+    def _on_replication(self, src: str, msg: Replicate | SnapshotChunk, now: float) -> None:
         assert self.candidate is not None
         p = self.primary
         if p is not None:

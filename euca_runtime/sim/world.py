@@ -25,7 +25,7 @@ from typing import Any
 
 from euca_runtime.clock import ManualClock
 from euca_runtime.lease import DeathCertificate, LeaseConfig
-from euca_runtime.replication import ReplicationConfig, StateTransfer
+from euca_runtime.replication import ReplicationConfig, SnapshotChunk
 from euca_runtime.sim.checkers import SafetyChecker, Violation
 from euca_runtime.sim.network import NetworkParams, SimNetwork
 from euca_runtime.sim.node import ClientWrite, Factories, Host, NodeTiming, SimNode
@@ -344,11 +344,11 @@ class World(Host):
         if node.paused:
             self._backlog[node.name].append((src, msg))
             return
-        if isinstance(msg, StateTransfer):
+        if isinstance(msg, SnapshotChunk) and msg.last:
             self._note_transfer(node, src, msg)
         node.deliver(src, msg)
 
-    def _note_transfer(self, node: SimNode, src: str, msg: StateTransfer) -> None:
+    def _note_transfer(self, node: SimNode, src: str, msg: SnapshotChunk) -> None:
         """Count state transfers that will discard a divergent suffix (for coverage stats)."""
         if node.store.fence_epoch > msg.epoch or (node.store.last_seq, node.store.last_epoch) != (
             msg.for_seq,
@@ -356,7 +356,7 @@ class World(Host):
         ):
             return
         self.stats["state_transfer_installed"] += 1
-        if msg.for_seq > msg.snapshot.seq or self.nodes[src].store.epoch_at(msg.for_seq) not in (
+        if msg.for_seq > msg.seq or self.nodes[src].store.epoch_at(msg.for_seq) not in (
             None,
             msg.for_epoch,
         ):

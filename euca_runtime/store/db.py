@@ -89,6 +89,10 @@ _CHANGELOG = cast(Table, ChangeLog.__table__)
 
 SNAPSHOT_FORMAT = 1
 """Version of the snapshot chunk format produced by `Store.export_snapshot`."""
+SNAPSHOT_CHUNK_BYTES = 1024 * 1024
+"""Default bound on the packed rows of one snapshot "rows" chunk (a single bigger row is alone)."""
+_EXPORT_READ_AHEAD = 4
+"""Rows a snapshot export fetches from the database at a time (memory: this times the biggest row)."""
 
 SERVICE_STATES = frozenset({"STOPPED", "NOTREADY", "DISABLED", "ENABLED", "BROKEN"})
 """States an operator-set target may hold (DESIGN.md section 5)."""
@@ -607,9 +611,13 @@ class Store:
             f = self._fence_row(session, lock=False)
             return f.base_seq + 1, f.applied_seq
 
-    def read_log(self, after_seq: int, limit: int | None = 1000) -> list[LogRecord]:
+    def read_log(
+        self, after_seq: int, limit: int | None = 1000, *, max_bytes: int | None = None
+    ) -> list[LogRecord]:
         """The records with seq > `after_seq`, oldest first, at most `limit` of them.
 
+        With `max_bytes`, stops before the records' packed ops exceed it (but returns at least
+        one record), reading them a few at a time: memory stays about `max_bytes`.
         Raises `LogTruncated` if some of them were already trimmed (or covered by an
         imported snapshot): the reader needs a snapshot instead.
         """
@@ -620,13 +628,23 @@ class Store:
                 return []
             if after_seq < f.base_seq:
                 raise LogTruncated(after_seq + 1, f.base_seq + 1)
-            stmt = select(ChangeLog).where(ChangeLog.seq > after_seq).order_by(ChangeLog.seq)
+            stmt = (
+                select(ChangeLog.epoch, ChangeLog.seq, ChangeLog.ops, ChangeLog.ts)
+                .where(ChangeLog.seq > after_seq)
+                .order_by(ChangeLog.seq)
+            )
             if limit is not None:
                 stmt = stmt.limit(limit)
-            return [
-                LogRecord(epoch=r.epoch, seq=r.seq, ops=_unpack(r.ops), ts=r.ts)
-                for r in session.execute(stmt).scalars()
-            ]
+            out: list[LogRecord] = []
+            size = 0
+            rows = session.execute(stmt.execution_options(yield_per=_EXPORT_READ_AHEAD))
+            for epoch, seq, ops, ts in rows:
+                size += len(ops)
+                if max_bytes is not None and out and size > max_bytes:
+                    break
+                out.append(LogRecord(epoch=epoch, seq=seq, ops=_unpack(ops), ts=ts))
+            rows.close()
+            return out
 
     def epoch_at(self, seq: int) -> int | None:
         """The epoch of the local record at `seq` (0 for seq 0); None if unknown or absent."""
@@ -729,7 +747,9 @@ class Store:
 
     # ------------------------------------------------------------------ snapshots
 
-    def export_snapshot(self, chunk_rows: int = 500) -> Iterator[dict[str, Any]]:
+    def export_snapshot(
+        self, chunk_rows: int = 500, max_bytes: int = SNAPSHOT_CHUNK_BYTES
+    ) -> Iterator[dict[str, Any]]:
         """Stream the component's whole state as chunks, from one consistent read.
 
         Chunks (plain dicts of msgpack-able values):
@@ -738,15 +758,20 @@ class Store:
           "tables": [{"name", "columns"}, ...]}``: (epoch, seq) is the position the state
           corresponds to; replay the source's log after `seq` on top of it.
         - ``{"type": "rows", "table", "rows": [[value, ...], ...]}``: at most `chunk_rows`
-          rows, values in the order of that table's "columns".
+          rows and, unless a single row is bigger, at most about `max_bytes` of packed rows;
+          values in the order of that table's "columns".
         - ``{"type": "end", "rows": {table: count}, "sha256": hex}``: a digest of all rows.
 
-        Memory is bounded by `chunk_rows`. The read transaction stays open until the
-        iterator is exhausted or closed: consume it or call `.close()` on it.
+        Memory is bounded by one chunk plus a few rows of read-ahead (rows are fetched
+        `_EXPORT_READ_AHEAD` at a time, never a whole table). The read transaction stays
+        open until the iterator is exhausted or closed: consume it or call `.close()` on it
+        (a state transfer keeps it open across the network round trips of its chunks).
         """
         spec = self._require_component()
         if chunk_rows < 1:
             raise StoreError("chunk_rows must be at least 1")
+        if max_bytes < 1:
+            raise StoreError("max_bytes must be at least 1")
         with self.engine.connect() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execution_options(isolation_level="REPEATABLE READ")
@@ -767,11 +792,22 @@ class Store:
                 for table in spec.tables:
                     counts[table.name] = 0
                     stmt = select(table).order_by(*table.primary_key.columns)
-                    result = conn.execution_options(yield_per=chunk_rows).execute(stmt)
-                    for part in result.partitions():
-                        rows = [list(r) for r in part]
-                        for row in rows:
-                            digest.update(_pack([table.name, row]))
+                    result = conn.execution_options(yield_per=min(chunk_rows, _EXPORT_READ_AHEAD)).execute(
+                        stmt
+                    )
+                    rows: list[list[Any]] = []
+                    size = 0
+                    for r in result:
+                        row = list(r)
+                        packed = _pack([table.name, row])
+                        if rows and (len(rows) >= chunk_rows or size + len(packed) > max_bytes):
+                            counts[table.name] += len(rows)
+                            yield {"type": "rows", "table": table.name, "rows": rows}
+                            rows, size = [], 0
+                        digest.update(packed)
+                        rows.append(row)
+                        size += len(packed)
+                    if rows:
                         counts[table.name] += len(rows)
                         yield {"type": "rows", "table": table.name, "rows": rows}
                 yield {"type": "end", "rows": counts, "sha256": digest.hexdigest()}
@@ -790,79 +826,40 @@ class Store:
         """Replace the component's state with a snapshot stream, atomically.
 
         Consumes `chunks` (as produced by `export_snapshot`, possibly from another host)
-        inside one write transaction: deletes every row of the component's tables and the
-        change log, inserts the snapshot's rows, checks counts and digest, and sets the
-        position to the snapshot's (epoch, seq) and the fence to the higher of both fences.
-        If the stream is malformed, truncated, corrupted or raises, nothing changes.
-        Raises `StaleEpoch` for a snapshot whose fence is below the local fence (it comes
-        from a deposed primary). Listeners get ``Changes(reset=True)``. Returns the new
-        position; continue with the source's `read_log(position.seq)`.
+        inside one write transaction (see `begin_import`): deletes every row of the
+        component's tables and the change log, inserts the snapshot's rows, checks counts and
+        digest, and sets the position to the snapshot's (epoch, seq) and the fence to the
+        higher of both fences. If the stream is malformed, truncated, corrupted or raises,
+        nothing changes. Raises `StaleEpoch` for a snapshot whose fence is below the local
+        fence (it comes from a deposed primary). Listeners get ``Changes(reset=True)``.
+        Returns the new position; continue with the source's `read_log(position.seq)`.
         """
-        spec = self._require_component()
         it = iter(chunks)
-        with self._lock:
-            with self._writer.connect() as conn, conn.begin():
-                head = next(it, None)
-                if not head or head.get("type") != "begin":
-                    raise SnapshotError("snapshot stream does not start with a begin chunk")
-                if head.get("format") != SNAPSHOT_FORMAT:
-                    raise SnapshotError(f"unsupported snapshot format {head.get('format')!r}")
-                tables = self._check_snapshot_tables(spec, head.get("tables"))
-                f = conn.execute(select(_FENCE).where(Fence.group_name == self.group).with_for_update()).one()
-                snap_fence = int(head["fence"])
-                if snap_fence < f.epoch:
-                    raise StaleEpoch(snap_fence, f.epoch)
-                for table in reversed(spec.tables):
-                    conn.execute(delete(table))
-                conn.execute(delete(_CHANGELOG))
-                digest = hashlib.sha256()
-                counts = dict.fromkeys(tables, 0)
-                ended = False
-                for chunk in it:
-                    kind = chunk.get("type")
-                    if kind == "rows":
-                        name = chunk.get("table")
-                        if name not in tables:
-                            raise SnapshotError(f"rows for unknown table {name!r}")
-                        table, columns = tables[name]
-                        rows = chunk.get("rows") or []
-                        for row in rows:
-                            digest.update(_pack([name, list(row)]))
-                        if rows:
-                            conn.execute(
-                                table.insert(), [dict(zip(columns, row, strict=True)) for row in rows]
-                            )
-                        counts[name] += len(rows)
-                    elif kind == "end":
-                        if chunk.get("rows") != counts:
-                            raise SnapshotError(f"row counts differ: sent {chunk.get('rows')}, got {counts}")
-                        if chunk.get("sha256") != digest.hexdigest():
-                            raise SnapshotError("snapshot digest mismatch")
-                        ended = True
-                        break
-                    else:
-                        raise SnapshotError(f"unexpected chunk type {kind!r}")
-                if not ended:
-                    raise SnapshotError("snapshot stream ended without an end chunk")
-                position = Position(int(head["epoch"]), int(head["seq"]))
-                conn.execute(
-                    _FENCE.update()
-                    .where(Fence.group_name == self.group)
-                    .values(
-                        epoch=max(f.epoch, snap_fence),
-                        applied_epoch=position.epoch,
-                        applied_seq=position.seq,
-                        base_epoch=position.epoch,
-                        base_seq=position.seq,
-                        updated_ts=self.clock.wall(),
-                    )
-                )
-            log.info(
-                "snapshot imported",
-                extra={"group": self.group, "epoch": position.epoch, "seq": position.seq, "rows": counts},
-            )
-            self._publish(Changes(position=position, reset=True))
-        return position
+        head = next(it, None)
+        if not head:
+            raise SnapshotError("snapshot stream does not start with a begin chunk")
+        imp = self.begin_import(head)
+        try:
+            for chunk in it:
+                position = imp.add(chunk)
+                if position is not None:
+                    return position
+            raise SnapshotError("snapshot stream ended without an end chunk")
+        finally:
+            imp.abort()
+
+    def begin_import(self, head: Mapping[str, Any]) -> SnapshotImport:
+        """Start replacing the component's state with a snapshot, chunk by chunk.
+
+        `head` is the stream's begin chunk; feed the following chunks to `SnapshotImport.add`
+        as they arrive (e.g. one network message at a time). Everything happens in one write
+        transaction that commits only when the end chunk checked out: until then readers see
+        the old state, and `abort()`, an error or a crash (the transaction is never committed)
+        leaves the store exactly as it was. Memory stays bounded by one chunk. While an import
+        is open it holds the database's write lock: do not write to the store from anywhere
+        else (abort it first).
+        """
+        return SnapshotImport(self, head)
 
     @staticmethod
     def _check_snapshot_tables(spec: ComponentSpec, declared: Any) -> dict[str, tuple[Table, list[str]]]:
@@ -958,3 +955,126 @@ class Store:
                 r.service: ServiceTarget(r.service, r.state, r.reason, r.updated_ts)
                 for r in session.execute(select(ServiceState)).scalars()
             }
+
+
+class SnapshotImport:
+    """One snapshot being imported chunk by chunk (`Store.begin_import`); single-threaded use.
+
+    Holds one write transaction: the begin chunk is checked, the component's tables and change
+    log are emptied, each `add`ed rows chunk is inserted, and the end chunk (row counts and
+    digest must match) commits and publishes ``Changes(reset=True)``. Any error aborts (rolls
+    back) and re-raises; so does `abort()`. Nothing is visible to readers before the commit.
+    """
+
+    def __init__(self, store: Store, head: Mapping[str, Any]) -> None:
+        spec = store._require_component()
+        if not isinstance(head, Mapping) or head.get("type") != "begin":
+            raise SnapshotError("snapshot stream does not start with a begin chunk")
+        if head.get("format") != SNAPSHOT_FORMAT:
+            raise SnapshotError(f"unsupported snapshot format {head.get('format')!r}")
+        self.store = store
+        self.tables = store._check_snapshot_tables(spec, head.get("tables"))
+        try:
+            self.position = Position(int(head["epoch"]), int(head["seq"]))
+            self.snap_fence = int(head["fence"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"bad snapshot begin chunk: {exc}") from exc
+        self.counts = dict.fromkeys(self.tables, 0)
+        self.rows = 0
+        self._digest = hashlib.sha256()
+        self._conn: Connection | None = store._writer.connect()
+        try:
+            self._trans = self._conn.begin()
+            f = self._conn.execute(
+                select(_FENCE).where(Fence.group_name == store.group).with_for_update()
+            ).one()
+            if self.snap_fence < f.epoch:
+                raise StaleEpoch(self.snap_fence, f.epoch)
+            self._fence = int(f.epoch)
+            for table in reversed(spec.tables):
+                self._conn.execute(delete(table))
+            self._conn.execute(delete(_CHANGELOG))
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def open(self) -> bool:
+        """Neither committed nor aborted yet."""
+        return self._conn is not None
+
+    def add(self, chunk: Mapping[str, Any]) -> Position | None:
+        """Apply one chunk after the begin chunk; returns the new position once committed."""
+        if self._conn is None:
+            raise SnapshotError("this snapshot import is already finished")
+        try:
+            return self._add(self._conn, chunk)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _add(self, conn: Connection, chunk: Mapping[str, Any]) -> Position | None:
+        kind = chunk.get("type") if isinstance(chunk, Mapping) else None
+        if kind == "rows":
+            name = chunk.get("table")
+            if name not in self.tables:
+                raise SnapshotError(f"rows for unknown table {name!r}")
+            table, columns = self.tables[name]
+            rows = chunk.get("rows") or []
+            for row in rows:
+                self._digest.update(_pack([name, list(row)]))
+            if rows:
+                conn.execute(table.insert(), [dict(zip(columns, row, strict=True)) for row in rows])
+            self.counts[name] += len(rows)
+            self.rows += len(rows)
+            return None
+        if kind != "end":
+            raise SnapshotError(f"unexpected chunk type {kind!r}")
+        if chunk.get("rows") != self.counts:
+            raise SnapshotError(f"row counts differ: sent {chunk.get('rows')}, got {self.counts}")
+        if chunk.get("sha256") != self._digest.hexdigest():
+            raise SnapshotError("snapshot digest mismatch")
+        store, position = self.store, self.position
+        conn.execute(
+            _FENCE.update()
+            .where(Fence.group_name == store.group)
+            .values(
+                epoch=max(self._fence, self.snap_fence),
+                applied_epoch=position.epoch,
+                applied_seq=position.seq,
+                base_epoch=position.epoch,
+                base_seq=position.seq,
+                updated_ts=store.clock.wall(),
+            )
+        )
+        with store._lock:
+            self._trans.commit()
+            self._close()
+            log.info(
+                "snapshot imported",
+                extra={
+                    "group": store.group,
+                    "epoch": position.epoch,
+                    "seq": position.seq,
+                    "rows": self.counts,
+                },
+            )
+            store._publish(Changes(position=position, reset=True))
+        return position
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def abort(self) -> None:
+        """Roll back (idempotent; a no-op after the commit)."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            trans = getattr(self, "_trans", None)
+            if trans is not None and trans.is_active:
+                trans.rollback()
+        finally:
+            self._close()

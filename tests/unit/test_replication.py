@@ -24,8 +24,8 @@ from euca_runtime.replication import (
     ReplicationConfig,
     ReplicationPrimary,
     Send,
-    Snapshot,
-    StateTransfer,
+    SnapshotChunk,
+    SnapshotPull,
     kv_put,
 )
 
@@ -64,6 +64,8 @@ def pump(
             queue += primary.on_ack(s.msg, now)
         elif isinstance(s.msg, CatchUpRequest):
             queue += primary.on_catch_up(s.msg, now)
+        elif isinstance(s.msg, SnapshotPull):
+            queue += primary.on_pull(s.msg, now)
     raise AssertionError("messages kept flowing")
 
 
@@ -194,7 +196,8 @@ def test_primary_streams_more_after_each_ack_and_resends_on_tick() -> None:
     pump(p, b, p.tick(0.0), 0.0)  # b syncs at seq 0
     for i in range(20):
         p.append([kv_put(f"k{i}", i)], 1.0)  # all lost on the way
-    pump(p, b, p.tick(1.1), 1.1)
+    assert only(p.tick(1.1), Replicate)[0].records == ()  # in flight: not resent yet
+    pump(p, b, p.tick(1.0 + CFG.resend_after), 1.0 + CFG.resend_after)
     assert store_b.last_seq == 20 and p.lag("b") == 0
 
 
@@ -231,7 +234,7 @@ def test_backup_fences_lower_epochs_and_raises_for_higher() -> None:
     out = b.handle(replicate(2, [rec(2, 2, 3)]), 0.1)
     assert only(out, Fenced) == [Fenced(G, "b", 3)]
     assert store.last_seq == 1
-    snap = StateTransfer(G, "p", 2, 1, 3, Snapshot(5, 2, {}))
+    snap = SnapshotChunk(G, "p", 2, 1, 3, 1, 0, 5, 2, {"pairs": []}, True)
     assert only(b.handle(snap, 0.2), Fenced) == [Fenced(G, "b", 3)]
     b.handle(replicate(4, [], last=(0, 0)), 0.3)  # heartbeat of a newer primary
     assert store.fence_epoch == 4
@@ -328,10 +331,10 @@ def test_stale_or_duplicated_state_transfer_is_ignored() -> None:
     store = MemoryReplicaStore()
     b = ReplicationBackup("b", G, store, CFG)
     b.handle(replicate(1, [rec(1, 1, 0), rec(2, 1, 1)]), 0.0)
-    stale = StateTransfer(G, "p", 1, 0, 0, Snapshot(1, 1, {"k1": 1}))
+    stale = SnapshotChunk(G, "p", 1, 0, 0, 1, 0, 1, 1, {"pairs": [["k1", 1]]}, True)
     assert b.handle(stale, 0.1) == []
     assert store.last_seq == 2
-    fresh = StateTransfer(G, "p", 1, 2, 1, Snapshot(5, 1, {"x": 1}))
+    fresh = SnapshotChunk(G, "p", 1, 2, 1, 2, 0, 5, 1, {"pairs": [["x", 1]]}, True)
     assert only(b.handle(fresh, 0.2), ReplicateAck) == [ReplicateAck(G, "b", 1, 5)]
     assert b.handle(fresh, 0.3) == []  # its duplicate no longer matches our position
     assert store.state == {"x": 1}
@@ -342,9 +345,151 @@ def test_primary_rate_limits_repeated_state_transfers() -> None:
     for i in range(3):
         p.append([kv_put(f"k{i}", i)], 0.0)
     ask = CatchUpRequest(G, "b", 1, 0, 0)
-    assert only(p.on_catch_up(ask, 1.0), StateTransfer)
+    (first,) = only(p.on_catch_up(ask, 1.0), SnapshotChunk)
     assert p.on_catch_up(ask, 1.1) == []
-    assert only(p.on_catch_up(ask, 1.6), StateTransfer)
+    assert only(p.on_catch_up(ask, 1.6), SnapshotChunk) == [first]  # the lost first chunk, again
+
+
+# --------------------------------------------------------------------------- chunked state transfer
+
+
+def transfer_setup(
+    keys: int = 10, items: int = 3, retention: int = 2
+) -> tuple[ReplicationPrimary, MemoryReplicaStore, ReplicationBackup]:
+    """A primary whose log no longer covers seq 0 and an empty backup: catch-up is a transfer."""
+    pstore = MemoryReplicaStore(retention=retention, chunk_items=items)
+    p = ready_primary(pstore)
+    for i in range(keys):
+        p.append([kv_put(f"k{i}", i)], 0.0)
+    return p, pstore, ReplicationBackup("b", G, MemoryReplicaStore(), CFG)
+
+
+def test_state_transfer_streams_chunks_pulled_one_at_a_time() -> None:
+    p, pstore, b = transfer_setup(keys=10, items=3)
+    sends = b.handle(replicate(1, [], last=(10, 1)), 0.1)
+    (ask,) = only(sends, CatchUpRequest)
+    (chunk,) = only(p.on_catch_up(ask, 0.1), SnapshotChunk)
+    seen = []
+    while True:
+        assert chunk.epoch == 1 and (chunk.seq, chunk.snap_epoch) == (10, 1)
+        seen.append(chunk.index)
+        out = b.handle(chunk, 0.2)
+        if chunk.last:
+            break
+        # Atomic: nothing is visible (state, position) before the last chunk, nothing is acked.
+        assert b.store.state == {} and b.position == (0, 0) and only(out, ReplicateAck) == []
+        assert b.transfer == (chunk.index + 1, 10)
+        (pull,) = only(out, SnapshotPull)
+        assert (pull.transfer, pull.index) == (chunk.transfer, chunk.index + 1)
+        (chunk,) = only(p.on_pull(pull, 0.2), SnapshotChunk)
+    assert seen == [0, 1, 2, 3]  # 10 keys in chunks of 3
+    assert only(out, ReplicateAck) == [ReplicateAck(G, "b", 1, 10)]
+    assert b.store.state == pstore.state and b.position == (10, 1) and b.transfer is None
+    p.on_ack(only(out, ReplicateAck)[0], 0.3)
+    assert p.transfers == {} and p.lag("b") == 0
+
+
+def test_snapshot_is_consistent_and_the_log_follows_from_its_seq() -> None:
+    p, pstore, b = transfer_setup(keys=10, items=3, retention=5)
+    (ask,) = only(b.handle(replicate(1, [], last=(10, 1)), 0.1), CatchUpRequest)
+    queue = p.on_catch_up(ask, 0.1)
+    writes = 0
+    for _ in range(100):  # writes continue during the transfer (not delivered to b directly)
+        if not queue:
+            break
+        s = queue.pop(0)
+        if s.to == "b":
+            if isinstance(s.msg, SnapshotChunk) and writes < 3:
+                p.append([kv_put(f"late{writes}", writes)], 0.2)
+                writes += 1
+            queue += b.handle(s.msg, 0.2)
+        elif isinstance(s.msg, SnapshotPull):
+            queue += p.on_pull(s.msg, 0.2)
+        elif isinstance(s.msg, ReplicateAck):
+            queue += p.on_ack(s.msg, 0.2)
+    assert b.position == (13, 1) and b.store.state == pstore.state
+    assert {"late0", "late1", "late2"} <= set(b.store.state)
+
+
+def test_lost_chunk_is_pulled_again_after_the_retry_interval() -> None:
+    p, pstore, b = transfer_setup()
+    (ask,) = only(b.handle(replicate(1, [], last=(10, 1)), 0.0), CatchUpRequest)
+    (c0,) = only(p.on_catch_up(ask, 0.0), SnapshotChunk)
+    (pull,) = only(b.handle(c0, 0.0), SnapshotPull)
+    p.on_pull(pull, 0.0)  # chunk 1 is lost on the way
+    assert b.handle(replicate(1, [], last=(10, 1)), 0.2) == []  # heartbeats: no records applied, no ack
+    (again,) = only(b.handle(replicate(1, [], last=(10, 1)), 0.6), SnapshotPull)
+    assert again == pull
+    (c1,) = only(p.on_pull(again, 0.6), SnapshotChunk)
+    assert c1.index == 1
+    assert b.handle(c1, 0.7) and b.handle(c1, 0.7) == []  # the duplicate is ignored
+    pump(p, b, b.handle(replicate(1, [], last=(10, 1)), 1.4), 1.4)
+    assert b.store.state == pstore.state and b.position == (10, 1)
+
+
+def test_stalled_transfer_is_abandoned_and_restarted_from_scratch() -> None:
+    p, pstore, b = transfer_setup()
+    (ask,) = only(b.handle(replicate(1, [], last=(10, 1)), 0.0), CatchUpRequest)
+    (c0,) = only(p.on_catch_up(ask, 0.0), SnapshotChunk)
+    b.handle(c0, 0.0)  # its pull is lost, and every re-pull too
+    timeout = CFG.transfer_timeout
+    assert only(b.handle(replicate(1, [], last=(10, 1)), timeout - 0.1), SnapshotPull)
+    (ask2,) = only(b.handle(replicate(1, [], last=(10, 1)), timeout + 0.1), CatchUpRequest)
+    assert b.transfer is None and b.position == (0, 0) and b.store.state == {}
+    (n0,) = only(p.on_catch_up(ask2, timeout + 0.1), SnapshotChunk)
+    assert n0.transfer != c0.transfer and n0.index == 0
+    pump(p, b, b.handle(n0, timeout + 0.2), timeout + 0.2)
+    assert b.store.state == pstore.state
+
+
+def test_primary_closes_an_abandoned_transfer() -> None:
+    p, _, b = transfer_setup()
+    (ask,) = only(b.handle(replicate(1, [], last=(10, 1)), 0.0), CatchUpRequest)
+    p.on_catch_up(ask, 0.0)
+    assert p.transfers == {"b": (1, 10)}
+    p.tick(CFG.transfer_timeout / 2)
+    assert p.transfers
+    p.tick(CFG.transfer_timeout + 0.1)
+    assert p.transfers == {}
+    p.on_catch_up(ask, 20.0)
+    p.close()  # step-down releases every open snapshot
+    assert p.transfers == {}
+
+
+def test_failover_mid_transfer_aborts_it_and_the_new_primary_starts_over() -> None:
+    p, pstore, b = transfer_setup()
+    (ask,) = only(b.handle(replicate(1, [], last=(10, 1)), 0.0), CatchUpRequest)
+    (c0,) = only(p.on_catch_up(ask, 0.0), SnapshotChunk)
+    (pull,) = only(b.handle(c0, 0.0), SnapshotPull)
+    (c1,) = only(p.on_pull(pull, 0.0), SnapshotChunk)
+    # The primary dies; "c" (which had everything) takes over at epoch 2.
+    cstore = MemoryReplicaStore(retention=2, chunk_items=3)
+    cstore.install(pstore.snapshot())
+    p2 = ReplicationPrimary("c", G, 2, cstore, ["b", "c"], CFG, now=1.0)
+    p2.next_in_sync_proposal(1.0)
+    p2.on_in_sync_recorded({"c"})
+    p2.append([kv_put("after", 1)], 1.0)
+    out = b.handle(Replicate(G, "c", 2, (), 11, 2, 11), 1.0)
+    assert b.transfer is None and b.store.fence_epoch == 2 and b.store.state == {}
+    # The old primary's chunk arrives late: fenced, nothing applied.
+    assert only(b.handle(c1, 1.1), Fenced) == [Fenced(G, "b", 2)]
+    assert b.store.state == {} and b.position == (0, 0)
+    (ask2,) = only(out, CatchUpRequest)
+    assert ask2.epoch == 2
+    pump(p2, b, p2.on_catch_up(ask2, 1.1), 1.1)
+    assert b.store.state == cstore.state and b.position == (11, 2) and b.synced_epoch == 2
+
+
+def test_bad_chunk_aborts_the_transfer_and_it_is_asked_again() -> None:
+    p, pstore, b = transfer_setup()
+    (ask,) = only(b.handle(replicate(1, [], last=(10, 1)), 0.0), CatchUpRequest)
+    (c0,) = only(p.on_catch_up(ask, 0.0), SnapshotChunk)
+    bad = SnapshotChunk(G, "p", 1, 0, 0, c0.transfer, 0, 10, 1, {"garbage": 1}, False)
+    assert b.handle(bad, 0.0) == [] and b.transfer is None and b.store.state == {}
+    (ask2,) = only(b.handle(replicate(1, [], last=(10, 1)), 0.1), CatchUpRequest)
+    assert ask2 == ask
+    pump(p, b, p.on_catch_up(ask2, 0.7), 0.7)
+    assert b.store.state == pstore.state
 
 
 # --------------------------------------------------------------------------- codec
@@ -357,7 +502,8 @@ def test_codec_roundtrip() -> None:
         ReplicateAck(G, "b", 2, 3),
         Fenced(G, "b", 4),
         CatchUpRequest(G, "b", 2, 1, 1),
-        StateTransfer(G, "a", 2, 1, 1, Snapshot(3, 2, {"k": 1})),
+        SnapshotChunk(G, "a", 2, 1, 1, 7, 3, 5, 2, [{"type": "rows", "rows": [[b"k", 1]]}], False),
+        SnapshotPull(G, "b", 2, 7, 4),
     ):
         assert replication.decode(replication.encode(msg)) == msg
     with pytest.raises(ValueError):
@@ -384,7 +530,7 @@ def test_backup_converges_over_a_bad_network(
     the backup's log is always a prefix of the primary's, nothing is acknowledged that the
     backup lacks, and once the network behaves, both hold the same state."""
     rng = random.Random(seed)
-    pstore = MemoryReplicaStore(retention=retention)
+    pstore = MemoryReplicaStore(retention=retention, chunk_items=2)  # multi-chunk state transfers
     p = ready_primary(pstore)
     p.on_in_sync_recorded({"a", "b"})
     bstore = MemoryReplicaStore()
@@ -413,6 +559,8 @@ def test_backup_converges_over_a_bad_network(
                 net += p.on_ack(s.msg, now)
             elif isinstance(s.msg, CatchUpRequest):
                 net += p.on_catch_up(s.msg, now)
+            elif isinstance(s.msg, SnapshotPull):
+                net += p.on_pull(s.msg, now)
         # Invariants after every step.
         for seq in range(max(1, bstore.last_seq - 3), bstore.last_seq + 1):
             mine, theirs = bstore.epoch_at(seq), pstore.epoch_at(seq)
