@@ -258,7 +258,9 @@ class SqlReplicaStore:
             prev = row.epoch
         return out
 
-    def append(self, record: ChangeRecord, stamp: int) -> None:
+    def append(
+        self, record: ChangeRecord, stamp: int, before_commit: Callable[[], None] | None = None
+    ) -> None:
         if stamp < self._fence:
             raise FencedError(stamp, self._fence)
         if record.epoch > stamp:
@@ -268,7 +270,7 @@ class SqlReplicaStore:
                 f"record ({record.seq}, {record.epoch}) prev {record.prev_epoch} does not follow "
                 f"({self._last_seq}, {self._last_epoch})"
             )
-        self.store.apply(record.epoch, record.seq, list(record.ops), stamp=stamp)
+        self.store.apply(record.epoch, record.seq, record.ops, stamp=stamp, before_commit=before_commit)
         self._fence = max(self._fence, stamp)
         self._last_seq, self._last_epoch = record.seq, record.epoch
 

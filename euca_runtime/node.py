@@ -565,12 +565,22 @@ class Instance:
         p.set_members(members, now)
         return self._post_primary(p, now, [])
 
-    def _job_append(self, ops: Sequence[Mapping[str, Any]]) -> _JobResult:
+    def _job_append(self, ops: Sequence[Mapping[str, Any]], loop: asyncio.AbstractEventLoop) -> _JobResult:
         p = self._primary
         if p is None or not p.ready:
             raise ServiceUnavailable(f"{self.name} is not the ready primary")
         now = self._mono()
-        rec, sends = p.append(ops, now)
+
+        def early(sends: list[Send]) -> None:
+            # Out to the backups before our own commit: their apply overlaps our fsync.
+            loop.call_soon_threadsafe(self.node.send, sends)
+
+        try:
+            rec, sends = p.append(ops, now, early=early)
+        except Exception:
+            if p.failed:
+                loop.call_soon_threadsafe(self._give_up, "local commit failed after replicating")
+            raise
         res = self._post_primary(p, now, sends)
         res.seq = rec.seq
         return res
@@ -921,8 +931,9 @@ class Instance:
         self, batch: list[tuple[list[dict[str, Any]], asyncio.Future[WriteResult]]]
     ) -> None:
         ops = [op for item_ops, _ in batch for op in item_ops]
+        loop = asyncio.get_running_loop()
         try:
-            r = await self._submit(lambda: self._job_append(ops), sends=True)
+            r = await self._submit(lambda: self._job_append(ops, loop), sends=True)
         except ServiceUnavailable as exc:
             for _, fut in batch:
                 _fail(fut, exc)

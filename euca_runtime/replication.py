@@ -34,7 +34,7 @@ position, so a stale or duplicated one can never move a replica backwards.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -259,13 +259,20 @@ class ReplicaStore(Protocol):
         """Up to `limit` records from ``seq + 1``; None when ``seq + 1`` was compacted away."""
         ...
 
-    def append(self, record: ChangeRecord, stamp: int) -> None:
+    def append(
+        self, record: ChangeRecord, stamp: int, before_commit: Callable[[], None] | None = None
+    ) -> None:
         """Apply and log `record`, delivered by the primary of epoch `stamp`.
 
         The fencing token is `stamp`, not `record.epoch`: a catch-up replays records that older
         primaries created, and those keep their own epoch in the log. FencedError if `stamp`
         is below the fence (then raises the fence to `stamp`), ChainError if `record` does not
         extend the log (seq is not last + 1, or prev_epoch is not the last record's epoch).
+
+        `before_commit`, when given, is called once the record is checked and its ops applied
+        without error, just before the transaction commits (the durable part, an fsync): the
+        primary sends the record to its backups from there, so their apply overlaps its own
+        commit. If the commit then fails, the exception propagates after the call.
         """
         ...
 
@@ -318,7 +325,9 @@ class MemoryReplicaStore:
         start = seq - self._base_seq
         return self._log[start : start + limit]
 
-    def append(self, record: ChangeRecord, stamp: int) -> None:
+    def append(
+        self, record: ChangeRecord, stamp: int, before_commit: Callable[[], None] | None = None
+    ) -> None:
         if stamp < self._fence:
             raise FencedError(stamp, self._fence)
         if record.epoch > stamp:
@@ -329,6 +338,8 @@ class MemoryReplicaStore:
                 f"({self.last_seq}, {self.last_epoch})"
             )
         self.machine.apply(record.ops)
+        if before_commit is not None:
+            before_commit()
         self._fence = max(self._fence, stamp)
         self._log.append(record)
         if len(self._log) > self.retention:
@@ -391,6 +402,8 @@ class ReplicationPrimary:
         self.recorded: frozenset[str] | None = None
         self.proposed: frozenset[str] | None = None
         self.joined: set[str] = set()
+        self.failed = False
+        """A record went out but its local commit failed: never take writes again (step down)."""
         self.set_members(members, now)
         self.commit_seq = store.last_seq
 
@@ -408,7 +421,7 @@ class ReplicationPrimary:
     @property
     def ready(self) -> bool:
         """May take writes: the voters recorded an in-sync set that contains us."""
-        return self.recorded is not None and self.name in self.recorded
+        return not self.failed and self.recorded is not None and self.name in self.recorded
 
     def required(self) -> set[str]:
         """Backups whose ack every new write waits for."""
@@ -457,21 +470,59 @@ class ReplicationPrimary:
 
     # -- writes
 
-    def append(self, ops: Sequence[Mapping[str, Any]], now: float) -> tuple[ChangeRecord, list[Send]]:
-        """Log and apply a write; returns its record and the messages replicating it."""
+    def append(
+        self,
+        ops: Sequence[Mapping[str, Any]],
+        now: float,
+        early: Callable[[list[Send]], None] | None = None,
+    ) -> tuple[ChangeRecord, list[Send]]:
+        """Log and apply a write; returns its record and the messages replicating it.
+
+        With `early`, the messages are handed to `early` instead, from inside the store's
+        append once the ops applied cleanly and before the local commit (its fsync), so the
+        backups apply the record while the primary commits it: the write's latency is the
+        slower of the two instead of their sum. This keeps I2, since `commit_seq` still needs
+        the record durable here (it is in `store.last_seq` only once committed) and acked by
+        every required backup. If the local commit fails after the record went out, this
+        primary is `failed` (never ready again): a backup may hold that record, so the seq
+        must not be reused in this epoch; the caller steps down, and a later primary either
+        has the record (harmless: it was never acknowledged) or discards it as a divergent
+        suffix through catch-up.
+        """
         if not self.ready:
             raise NotReadyError(f"{self.group}: in-sync set not recorded yet")
         store = self.store
         rec = ChangeRecord(self.epoch, store.last_seq + 1, store.last_epoch, tuple(dict(op) for op in ops))
-        store.append(rec, self.epoch)
         required = self.required()
         out: list[Send] = []
-        for name, peer in self.peers.items():
-            if name in required and peer.behind_since is None:
-                peer.behind_since = now
-            if peer.acked >= 0 and peer.sent_upto == rec.seq - 1:
-                peer.sent_upto = rec.seq
-                out.append(Send(name, self._replicate((rec,))))
+        emitted = False
+
+        def emit() -> None:
+            nonlocal emitted
+            msg = Replicate(self.group, self.name, self.epoch, (rec,), rec.seq, rec.epoch, self.commit_seq)
+            for name, peer in self.peers.items():
+                if name in required and peer.behind_since is None:
+                    peer.behind_since = now
+                if peer.acked >= 0 and peer.sent_upto == rec.seq - 1:
+                    peer.sent_upto = rec.seq
+                    out.append(Send(name, msg))
+            if early is not None and out:
+                emitted = True
+                early(list(out))
+                out.clear()
+
+        try:
+            store.append(rec, self.epoch, before_commit=emit if early is not None else None)
+        except BaseException:
+            if emitted:
+                self.failed = True
+                log.error(
+                    "local commit failed after replicating",
+                    extra={"group": self.group, "epoch": self.epoch, "seq": rec.seq},
+                )
+            raise
+        if early is None:
+            emit()
         self._advance_commit()
         return rec, out
 

@@ -537,7 +537,15 @@ class Store:
                 log.info("fence raised", extra={"group": self.group, "epoch": epoch})
             return f.epoch
 
-    def apply(self, epoch: int, seq: int, ops: Sequence[Op], *, stamp: int | None = None) -> ApplyResult:
+    def apply(
+        self,
+        epoch: int,
+        seq: int,
+        ops: Sequence[Op],
+        *,
+        stamp: int | None = None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> ApplyResult:
         """Apply change record (epoch, seq, ops) in one transaction with its log entry and fence.
 
         `stamp` is the fencing token: the epoch of the primary *delivering* the record
@@ -552,6 +560,9 @@ class Store:
         nothing is changed. Re-applying a record already applied returns
         `ApplyResult.ALREADY_APPLIED` and changes nothing (idempotent retries). After the
         commit, listeners (the cache) get the changed rows.
+
+        `before_commit` is called once every op applied and the transaction is flushed, just
+        before COMMIT (the fsync); an exception it raises rolls the transaction back.
         """
         spec = self._require_component()
         if seq < 1:
@@ -595,6 +606,8 @@ class Store:
                 session.flush()
                 rows = self._rows_for(session, ctx.touched)
                 session.info.pop(_CTX_KEY, None)
+                if before_commit is not None:
+                    before_commit()
             self._publish(Changes(position=Position(epoch, seq), rows=rows))
         return ApplyResult.APPLIED
 
