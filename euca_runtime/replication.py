@@ -270,9 +270,10 @@ class ReplicaStore(Protocol):
         extend the log (seq is not last + 1, or prev_epoch is not the last record's epoch).
 
         `before_commit`, when given, is called once the record is checked and its ops applied
-        without error, just before the transaction commits (the durable part, an fsync): the
-        primary sends the record to its backups from there, so their apply overlaps its own
-        commit. If the commit then fails, the exception propagates after the call.
+        without error, before it is logged and the transaction commits (the durable part, an
+        fsync): the primary sends the record to its backups from there, so their apply
+        overlaps the rest of its own. If that rest fails, the exception propagates after the
+        call.
         """
         ...
 

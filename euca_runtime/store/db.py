@@ -561,8 +561,10 @@ class Store:
         `ApplyResult.ALREADY_APPLIED` and changes nothing (idempotent retries). After the
         commit, listeners (the cache) get the changed rows.
 
-        `before_commit` is called once every op applied and the transaction is flushed, just
-        before COMMIT (the fsync); an exception it raises rolls the transaction back.
+        `before_commit` is called as soon as every op applied cleanly (so a bad op fails before
+        it), before the log row, the position update and COMMIT (the fsync); an exception it
+        raises rolls the transaction back. A failure after it can only be the database's own
+        (I/O, disk full), never the record's content.
         """
         spec = self._require_component()
         if seq < 1:
@@ -594,6 +596,8 @@ class Store:
                 for op in op_list:
                     undo_per_op.append(list(spec.lookup(op)(ctx, op)))
                     session.flush()
+                if before_commit is not None:
+                    before_commit()
                 undo = [u for undos in reversed(undo_per_op) for u in undos]
                 now = self.clock.wall()
                 session.add(ChangeLog(seq=seq, epoch=epoch, ops=blob, undo=_pack(undo), ts=now))
@@ -606,8 +610,6 @@ class Store:
                 session.flush()
                 rows = self._rows_for(session, ctx.touched)
                 session.info.pop(_CTX_KEY, None)
-                if before_commit is not None:
-                    before_commit()
             self._publish(Changes(position=Position(epoch, seq), rows=rows))
         return ApplyResult.APPLIED
 
