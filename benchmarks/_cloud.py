@@ -46,7 +46,10 @@ def cli(*args: str, timeout: float = 120.0, check: bool = True) -> subprocess.Co
 def ctl(root: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """`eucactl --dir ROOT ARGS` in a subprocess."""
     return subprocess.run(
-        [PY, "-m", "euca_runtime.ctl", "--dir", str(root), *args], capture_output=True, text=True, timeout=timeout
+        [PY, "-m", "euca_runtime.ctl", "--dir", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -184,7 +187,13 @@ def http(method: str, url: str, body: bytes | None = None, timeout: float = 10.0
 
 
 async def load(
-    url: str, clients: int, seconds: float, *, value: bytes = b"x" * 100, prefix: str = "k", timeout: float = 10.0
+    url: str,
+    clients: int,
+    seconds: float,
+    *,
+    value: bytes = b"x" * 100,
+    prefix: str = "k",
+    timeout: float = 10.0,
 ) -> dict[str, Any]:
     """`clients` keep-alive connections PUTting unique keys for `seconds`: latencies and rate."""
     lat: list[float] = []
@@ -211,7 +220,13 @@ async def load(
         t0 = time.monotonic()
         await asyncio.gather(*(one(i, s) for i in range(clients)))
         elapsed = time.monotonic() - t0
-    return {"clients": clients, "ops": len(lat), "errors": len(errors), "rate": len(lat) / elapsed, "lat": lat}
+    return {
+        "clients": clients,
+        "ops": len(lat),
+        "errors": len(errors),
+        "rate": len(lat) / elapsed,
+        "lat": lat,
+    }
 
 
 # --------------------------------------------------------------------------- statistics

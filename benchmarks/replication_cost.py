@@ -24,9 +24,12 @@ def run(trials: int = 5, seconds: float = 4.0, clients: tuple[int, ...] = (1, 32
         m: {c: [] for c in clients} for m in ("unreplicated", "replicated")
     }
     with contextlib.ExitStack() as stack:
-        clouds = {"unreplicated": stack.enter_context(cloud(ha=False)), "replicated": stack.enter_context(cloud(ha=True))}
+        clouds = {
+            "unreplicated": stack.enter_context(cloud(ha=False)),
+            "replicated": stack.enter_context(cloud(ha=True)),
+        }
         urls = {m: c.kv_url(c.primary_node("kv")) for m, c in clouds.items()}
-        for m, url in urls.items():  # warm-up: connections, caches, SQLite files
+        for url in urls.values():  # warm-up: connections, caches, SQLite files
             asyncio.run(load(url, 4, 1.0, prefix="warm"))
         for t in range(trials):
             for n in clients:

@@ -124,6 +124,9 @@ RETRYABLE = frozenset({"NotPrimary", "Unavailable", "Cancelled", "DeadlineExceed
 EVENTS_KEPT = 2000
 MAX_BATCH_OPS = 256
 """Most ops one group-committed change record carries."""
+EARLY_SEND_WAIT = 0.002
+"""How long the replication thread yields to the event loop so that a new record is on the wire
+to the backups before the primary goes on with its own commit (both hold the GIL otherwise)."""
 MAX_INFLIGHT_RECORDS = 2
 """Uncommitted change records the primary lets in flight; more writes wait and batch up."""
 
@@ -572,8 +575,17 @@ class Instance:
         now = self._mono()
 
         def early(sends: list[Send]) -> None:
-            # Out to the backups before our own commit: their apply overlaps our fsync.
-            loop.call_soon_threadsafe(self.node.send, sends)
+            # Out to the backups before our own commit: their apply overlaps ours. Wait (in
+            # Event.wait, without the GIL) until the loop has run the send and, two turns
+            # later, its transport write; else the loop waits for the GIL until our fsync.
+            sent = threading.Event()
+
+            def go() -> None:
+                self.node.send(sends)
+                loop.call_soon(loop.call_soon, sent.set)
+
+            loop.call_soon_threadsafe(go)
+            sent.wait(EARLY_SEND_WAIT)
 
         try:
             rec, sends = p.append(ops, now, early=early)

@@ -672,3 +672,28 @@ def test_sqlite_new_branch_revisions_apply_per_component(tmp_path: Path) -> None
         assert "note" in {c["name"] for c in inspector.get_columns("service_state")}
     finally:
         store.close()
+
+
+def test_before_commit_runs_after_the_ops_and_can_roll_back(open_store: OpenStore) -> None:
+    """The primary's early-send hook: called only once every op applied cleanly, and a failure
+    from it (or anything after it) leaves nothing applied."""
+    spec = KV.derive("kv-boom2", {("kv", "boom"): boom})
+    store = open_store("hook", component=spec, group="kv")
+    calls: list[int] = []
+    with pytest.raises(RuntimeError, match="boom"):
+        store.apply(
+            1, 1, [put_op("a", b"1"), {"op": "boom", "table": "kv"}], before_commit=lambda: calls.append(1)
+        )
+    assert calls == []  # a bad op fails before the hook: nothing was sent
+    seen: list[Position] = []
+    store.apply(1, 1, [put_op("a", b"1")], before_commit=lambda: seen.append(store.position()))
+    assert seen == [Position(0, 0)]  # called before the commit
+    assert store.position() == Position(1, 1)
+
+    def fail() -> None:
+        raise OSError("commit failed")
+
+    with pytest.raises(OSError, match="commit failed"):
+        store.apply(1, 2, [put_op("b", b"2"), put_op("c", b"3")], before_commit=fail)
+    assert kv_state(store) == {"a": (b"1", 1)}  # the whole group-committed record or nothing
+    assert store.position() == Position(1, 1)
