@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import math
 import os
@@ -18,8 +19,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -87,9 +90,11 @@ class Cloud:
             raise RuntimeError(f"{node} has no pid file")
         return pid
 
-    def services(self) -> list[dict[str, Any]]:
+    def services(self, via: str | None = None) -> list[dict[str, Any]]:
+        """describe-services through `via`'s admin API first, then any other that answers."""
         last: Exception | None = None
-        for node in self.layout.nodes.values():
+        nodes = sorted(self.layout.nodes.values(), key=lambda n: n.name != via)
+        for node in nodes:
             req = urllib.request.Request(f"{node.admin}/v1/services")
             req.add_header("Authorization", f"Bearer {self.token}")
             try:
@@ -99,8 +104,8 @@ class Cloud:
                 last = exc
         raise RuntimeError(f"no admin API answered: {last}")
 
-    def enabled(self, group: str) -> dict[str, Any] | None:
-        found = [s for s in self.services() if s["group"] == group and s["state"] == "ENABLED"]
+    def enabled(self, group: str, via: str | None = None) -> dict[str, Any] | None:
+        found = [s for s in self.services(via) if s["group"] == group and s["state"] == "ENABLED"]
         return found[0] if len(found) == 1 else None
 
     def wait(self, cond: Any, timeout: float, what: str) -> Any:
@@ -117,11 +122,11 @@ class Cloud:
             time.sleep(0.05)
         raise RuntimeError(f"timed out after {timeout} s waiting for {what} (last error: {last})")
 
-    def wait_ha(self, groups: Sequence[str] = ("kv",), timeout: float = 60.0) -> None:
+    def wait_ha(self, groups: Sequence[str] = ("kv",), timeout: float = 60.0, via: str | None = None) -> None:
         """Every group has an ENABLED primary and (HA) an in-sync DISABLED backup."""
 
         def ok() -> bool:
-            svcs = self.services()
+            svcs = self.services(via)
             for g in groups:
                 mine = [s for s in svcs if s["group"] == g]
                 if sum(s["state"] == "ENABLED" for s in mine) != 1:
@@ -132,9 +137,16 @@ class Cloud:
 
         self.wait(ok, timeout, f"{list(groups)} ENABLED with an in-sync backup")
 
-    def primary_node(self, group: str = "kv") -> str:
-        svc = self.wait(lambda: self.enabled(group), 30.0, f"an ENABLED {group}")
+    def primary_node(self, group: str = "kv", via: str | None = None) -> str:
+        svc = self.wait(lambda: self.enabled(group, via), 30.0, f"an ENABLED {group}")
         return str(svc["node"])
+
+    def switchover(self, group: str, to_node: str) -> None:
+        """`eucactl switchover GROUP --to NODE.GROUP`, then wait until it is ENABLED there."""
+        proc = ctl(self.root, "switchover", group, "--to", self.instance(group, to_node))
+        if proc.returncode != 0:
+            raise RuntimeError(f"switchover {group} to {to_node} failed: {proc.stderr or proc.stdout}")
+        self.wait(lambda: self.primary_node(group) == to_node, 20.0, f"{group} ENABLED on {to_node}")
 
     def other_node(self, node: str, group: str = "kv") -> str:
         names = [s["node"] for s in self.services() if s["group"] == group and s["node"] != node]
@@ -177,7 +189,7 @@ def stop(root: Path) -> None:
 # --------------------------------------------------------------------------- kv clients
 
 
-def http(method: str, url: str, body: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+def http_req(method: str, url: str, body: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -253,3 +265,89 @@ def summary(values: Sequence[float], digits: int = 4) -> dict[str, Any]:
         "min": round(min(vals), digits),
         "max": round(max(vals), digits),
     }
+
+
+class Writer:
+    """Background threads PUTting unique keys over keep-alive HTTP; records every outcome.
+
+    `acked` holds (sent, acked, epoch, node-url) per acknowledged write, `errors` (sent, when,
+    what) per failed one. Requests carry a `timeout` deadline, so across a failover they are
+    held and retried by the runtime rather than failed.
+    """
+
+    def __init__(self, urls: Sequence[str], prefix: str, timeout: float = 10.0) -> None:
+        self.urls = list(urls)
+        self.prefix = prefix
+        self.timeout = timeout
+        self.acked: list[tuple[float, float, int, str]] = []
+        self.errors: list[tuple[float, float, str]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(u, i), daemon=True) for i, u in enumerate(urls)
+        ]
+
+    def _run(self, url: str, idx: int) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        conn: http.client.HTTPConnection | None = None
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            path = f"{parsed.path}/kv/{self.prefix}-{idx}-{i}?timeout={self.timeout}"
+            sent = time.monotonic()
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=self.timeout + 5)
+                conn.request("PUT", path, body=b"v" * 100)
+                resp = conn.getresponse()
+                body = resp.read()
+                now = time.monotonic()
+                with self._lock:
+                    if resp.status == 200:
+                        self.acked.append((sent, now, int(json.loads(body)["epoch"]), url))
+                    else:
+                        self.errors.append((sent, now, f"{resp.status} {body[:200]!r}"))
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.errors.append((sent, time.monotonic(), f"{type(exc).__name__}: {exc}"))
+                if conn is not None:
+                    conn.close()
+                conn = None
+                self._stop.wait(0.01)  # connection refused: do not spin
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> Writer:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def snapshot(self) -> tuple[list[tuple[float, float, int, str]], list[tuple[float, float, str]]]:
+        with self._lock:
+            return list(self.acked), list(self.errors)
+
+    def wait_acks(self, n: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        start = len(self.snapshot()[0])
+        while len(self.snapshot()[0]) < start + n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"writes not flowing: fewer than {n} acks in {timeout} s")
+            time.sleep(0.01)
+
+    def first_ack_after(self, t: float, min_epoch: int, timeout: float = 30.0) -> float:
+        """Time of the first write acknowledged after `t` with an epoch of at least `min_epoch`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hits = [a for _, a, e, _ in self.snapshot()[0] if a > t and e >= min_epoch]
+            if hits:
+                return min(hits)
+            time.sleep(0.005)
+        raise RuntimeError(f"no write acknowledged under epoch >= {min_epoch} within {timeout} s")
