@@ -274,6 +274,21 @@ class SqlReplicaStore:
         self._fence = max(self._fence, stamp)
         self._last_seq, self._last_epoch = record.seq, record.epoch
 
+    def append_batch(self, records: Sequence[ChangeRecord], stamp: int) -> None:
+        if stamp < self._fence:
+            raise FencedError(stamp, self._fence)
+        last_seq, last_epoch = self._last_seq, self._last_epoch
+        for record in records:
+            if record.seq != last_seq + 1 or record.prev_epoch != last_epoch:
+                raise ChainError(
+                    f"record ({record.seq}, {record.epoch}) prev {record.prev_epoch} does not follow "
+                    f"({last_seq}, {last_epoch})"
+                )
+            last_seq, last_epoch = record.seq, record.epoch
+        pos = self.store.apply_batch([(r.epoch, r.seq, r.ops) for r in records], stamp=stamp)
+        self._fence = max(self._fence, stamp)
+        self._last_seq, self._last_epoch = pos.seq, pos.epoch
+
     def snapshot(self) -> Snapshot:
         chunks = list(self.store.export_snapshot())
         head = chunks[0]

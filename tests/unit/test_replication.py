@@ -559,3 +559,20 @@ def test_backup_converges_over_a_bad_network(
         now += 0.6
     assert bstore.state == pstore.state
     assert p.commit_seq == pstore.last_seq == writes
+
+
+def test_backup_applies_a_multi_record_message_as_one_batch() -> None:
+    batches: list[list[int]] = []
+
+    class Recording(MemoryReplicaStore):
+        def append_batch(self, records: Any, stamp: int) -> None:
+            batches.append([r.seq for r in records])
+            super().append_batch(records, stamp)
+
+    bstore = Recording()
+    b = ReplicationBackup("b", G, bstore, CFG)
+    out = b.handle(replicate(1, [rec(2, 1, 1), rec(1, 1, 0), rec(3, 1, 1), rec(5, 1, 1)]), 0.0)
+    assert batches == [[1, 2, 3]]  # the run extending the log, in one step; 5 waits for 4
+    assert only(out, ReplicateAck) == [ReplicateAck(G, "b", 1, 3)]
+    b.handle(replicate(1, [rec(4, 1, 1)], last=(5, 1)), 0.1)
+    assert bstore.last_seq == 5 and bstore.state == {f"k{i}": i for i in range(1, 6)}
