@@ -384,6 +384,9 @@ class _Peer:
     acked: int = -1
     """Highest seq acknowledged under our epoch; -1 until the backup proved it is synced."""
     sent_upto: int = -1
+    sent_at: float = NEVER
+    """When records up to `sent_upto` were last sent (unacknowledged ones are resent only
+    after `catch_up_retry`, so a slow backup is not flooded with duplicates it must skip)."""
     last_progress: float = NEVER
     behind_since: float | None = None
     snapshot_sent_at: float = NEVER
@@ -524,7 +527,7 @@ class ReplicationPrimary:
                 if name in required and peer.behind_since is None:
                     peer.behind_since = now
                 if peer.acked >= 0 and peer.sent_upto == rec.seq - 1:
-                    peer.sent_upto = rec.seq
+                    peer.sent_upto, peer.sent_at = rec.seq, now
                     out.append(Send(name, msg))
             if early is not None and out:
                 emitted = True
@@ -584,14 +587,14 @@ class ReplicationPrimary:
             self.joined.add(msg.sender)
         self._advance_commit()
         if peer.acked < last and peer.sent_upto <= peer.acked:
-            return self._send_from(msg.sender, peer)
+            return self._send_from(msg.sender, peer, now)
         return []
 
-    def _send_from(self, name: str, peer: _Peer) -> list[Send]:
+    def _send_from(self, name: str, peer: _Peer, now: float) -> list[Send]:
         recs = self.store.records_after(peer.acked, self.config.batch)
         if not recs:
             return []
-        peer.sent_upto = recs[-1].seq
+        peer.sent_upto, peer.sent_at = recs[-1].seq, now
         return [Send(name, self._replicate(tuple(recs)))]
 
     def on_catch_up(self, msg: CatchUpRequest, now: float) -> list[Send]:
@@ -603,7 +606,9 @@ class ReplicationPrimary:
             recs = store.records_after(msg.last_seq, self.config.batch)
             if recs is not None:
                 if recs:
-                    peer.sent_upto = max(peer.sent_upto, recs[-1].seq)
+                    # It asked from its position: what we sent beyond it was lost (or is
+                    # buffered there); stream on from this batch as its acks come in.
+                    peer.sent_upto, peer.sent_at = recs[-1].seq, now
                 return [Send(msg.sender, self._replicate(tuple(recs)))]
         position = (msg.last_seq, msg.last_epoch)
         if peer.snapshot_for == position and now - peer.snapshot_sent_at < self.config.catch_up_retry:
@@ -623,7 +628,8 @@ class ReplicationPrimary:
         ]
 
     def tick(self, now: float) -> list[Send]:
-        """Heartbeat every member, resend what is unacknowledged, forget dead joiners."""
+        """Heartbeat every member, resend what is unacknowledged for `catch_up_retry` (what is
+        newer goes out as acks come in), forget dead joiners."""
         out: list[Send] = []
         pinned = (self.recorded or frozenset()) | (self.proposed or frozenset())
         required = self.required()
@@ -634,10 +640,11 @@ class ReplicationPrimary:
             elif name in required and peer.behind_since is None and peer.acked < self.store.last_seq:
                 peer.behind_since = now
             recs = None
-            if 0 <= peer.acked < self.store.last_seq:
+            in_flight = peer.sent_upto > peer.acked and now - peer.sent_at < self.config.catch_up_retry
+            if 0 <= peer.acked < self.store.last_seq and not in_flight:
                 recs = self.store.records_after(peer.acked, self.config.batch)
             if recs:
-                peer.sent_upto = recs[-1].seq
+                peer.sent_upto, peer.sent_at = recs[-1].seq, now
                 out.append(Send(name, self._replicate(tuple(recs))))
             else:
                 out.append(Send(name, self._replicate(())))

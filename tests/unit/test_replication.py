@@ -576,3 +576,16 @@ def test_backup_applies_a_multi_record_message_as_one_batch() -> None:
     assert only(out, ReplicateAck) == [ReplicateAck(G, "b", 1, 3)]
     b.handle(replicate(1, [rec(4, 1, 1)], last=(5, 1)), 0.1)
     assert bstore.last_seq == 5 and bstore.state == {f"k{i}": i for i in range(1, 6)}
+
+
+def test_tick_does_not_flood_a_slow_backup_with_records_already_in_flight() -> None:
+    """A restarted backup catching up under load: resending the same unacknowledged batch on
+    every tick made it skip duplicates forever (its acks timed out behind them)."""
+    p, b = in_sync_pair()
+    for i in range(20):
+        p.append([kv_put(f"k{i}", i)], 1.0)  # sent, not yet acknowledged (a slow backup)
+    assert only(p.tick(1.1), Replicate)[0].records == ()  # in flight: a heartbeat only
+    resent = only(p.tick(1.0 + CFG.catch_up_retry), Replicate)[0]  # unacknowledged for too long
+    assert [r.seq for r in resent.records] == list(range(1, 9))
+    pump(p, b, [Send("b", resent)], 1.6)  # each ack pulls the next batch at once
+    assert b.store.last_seq == 20 and p.lag("b") == 0
