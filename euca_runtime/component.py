@@ -272,7 +272,9 @@ class SqlReplicaStore:
             prev = row.epoch
         return out
 
-    def append(self, record: ChangeRecord, stamp: int) -> None:
+    def append(
+        self, record: ChangeRecord, stamp: int, before_commit: Callable[[], None] | None = None
+    ) -> None:
         self.abort_install("a record was appended")
         if stamp < self._fence:
             raise FencedError(stamp, self._fence)
@@ -283,7 +285,7 @@ class SqlReplicaStore:
                 f"record ({record.seq}, {record.epoch}) prev {record.prev_epoch} does not follow "
                 f"({self._last_seq}, {self._last_epoch})"
             )
-        self.store.apply(record.epoch, record.seq, list(record.ops), stamp=stamp)
+        self.store.apply(record.epoch, record.seq, record.ops, stamp=stamp, before_commit=before_commit)
         self._fence = max(self._fence, stamp)
         self._last_seq, self._last_epoch = record.seq, record.epoch
 
@@ -294,6 +296,21 @@ class SqlReplicaStore:
         self.abort_install("a new snapshot install")
         self._sink = _SqlSnapshotSink(self, seq, epoch)
         return self._sink
+
+    def append_batch(self, records: Sequence[ChangeRecord], stamp: int) -> None:
+        if stamp < self._fence:
+            raise FencedError(stamp, self._fence)
+        last_seq, last_epoch = self._last_seq, self._last_epoch
+        for record in records:
+            if record.seq != last_seq + 1 or record.prev_epoch != last_epoch:
+                raise ChainError(
+                    f"record ({record.seq}, {record.epoch}) prev {record.prev_epoch} does not follow "
+                    f"({last_seq}, {last_epoch})"
+                )
+            last_seq, last_epoch = record.seq, record.epoch
+        pos = self.store.apply_batch([(r.epoch, r.seq, r.ops) for r in records], stamp=stamp)
+        self._fence = max(self._fence, stamp)
+        self._last_seq, self._last_epoch = pos.seq, pos.epoch
 
     def snapshot(self) -> Snapshot:
         """The whole state in memory (tests and small stores only; transfers use `open_snapshot`)."""

@@ -125,6 +125,9 @@ RETRYABLE = frozenset({"NotPrimary", "Unavailable", "Cancelled", "DeadlineExceed
 EVENTS_KEPT = 2000
 MAX_BATCH_OPS = 256
 """Most ops one group-committed change record carries."""
+EARLY_SEND_WAIT = 0.002
+"""How long the replication thread yields to the event loop so that a new record is on the wire
+to the backups before the primary goes on with its own commit (both hold the GIL otherwise)."""
 MAX_INFLIGHT_RECORDS = 2
 """Uncommitted change records the primary lets in flight; more writes wait and batch up."""
 
@@ -595,12 +598,31 @@ class Instance:
         p.set_members(members, now)
         return self._post_primary(p, now, [])
 
-    def _job_append(self, ops: Sequence[Mapping[str, Any]]) -> _JobResult:
+    def _job_append(self, ops: Sequence[Mapping[str, Any]], loop: asyncio.AbstractEventLoop) -> _JobResult:
         p = self._primary
         if p is None or not p.ready:
             raise ServiceUnavailable(f"{self.name} is not the ready primary")
         now = self._mono()
-        rec, sends = p.append(ops, now)
+
+        def early(sends: list[Send]) -> None:
+            # Out to the backups before our own commit: their apply overlaps ours. Wait (in
+            # Event.wait, without the GIL) until the loop has run the send and, two turns
+            # later, its transport write; else the loop waits for the GIL until our fsync.
+            sent = threading.Event()
+
+            def go() -> None:
+                self.node.send(sends)
+                loop.call_soon(loop.call_soon, sent.set)
+
+            loop.call_soon_threadsafe(go)
+            sent.wait(EARLY_SEND_WAIT)
+
+        try:
+            rec, sends = p.append(ops, now, early=early)
+        except Exception:
+            if p.failed:
+                loop.call_soon_threadsafe(self._give_up, "local commit failed after replicating")
+            raise
         res = self._post_primary(p, now, sends)
         res.seq = rec.seq
         return res
@@ -955,8 +977,9 @@ class Instance:
         self, batch: list[tuple[list[dict[str, Any]], asyncio.Future[WriteResult]]]
     ) -> None:
         ops = [op for item_ops, _ in batch for op in item_ops]
+        loop = asyncio.get_running_loop()
         try:
-            r = await self._submit(lambda: self._job_append(ops), sends=True)
+            r = await self._submit(lambda: self._job_append(ops, loop), sends=True)
         except ServiceUnavailable as exc:
             for _, fut in batch:
                 _fail(fut, exc)

@@ -541,7 +541,15 @@ class Store:
                 log.info("fence raised", extra={"group": self.group, "epoch": epoch})
             return f.epoch
 
-    def apply(self, epoch: int, seq: int, ops: Sequence[Op], *, stamp: int | None = None) -> ApplyResult:
+    def apply(
+        self,
+        epoch: int,
+        seq: int,
+        ops: Sequence[Op],
+        *,
+        stamp: int | None = None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> ApplyResult:
         """Apply change record (epoch, seq, ops) in one transaction with its log entry and fence.
 
         `stamp` is the fencing token: the epoch of the primary *delivering* the record
@@ -556,6 +564,11 @@ class Store:
         nothing is changed. Re-applying a record already applied returns
         `ApplyResult.ALREADY_APPLIED` and changes nothing (idempotent retries). After the
         commit, listeners (the cache) get the changed rows.
+
+        `before_commit` is called as soon as every op applied cleanly (so a bad op fails before
+        it), before the log row, the position update and COMMIT (the fsync); an exception it
+        raises rolls the transaction back. A failure after it can only be the database's own
+        (I/O, disk full), never the record's content.
         """
         spec = self._require_component()
         if seq < 1:
@@ -587,6 +600,8 @@ class Store:
                 for op in op_list:
                     undo_per_op.append(list(spec.lookup(op)(ctx, op)))
                     session.flush()
+                if before_commit is not None:
+                    before_commit()
                 undo = [u for undos in reversed(undo_per_op) for u in undos]
                 now = self.clock.wall()
                 session.add(ChangeLog(seq=seq, epoch=epoch, ops=blob, undo=_pack(undo), ts=now))
@@ -601,6 +616,71 @@ class Store:
                 session.info.pop(_CTX_KEY, None)
             self._publish(Changes(position=Position(epoch, seq), rows=rows))
         return ApplyResult.APPLIED
+
+    def apply_batch(self, records: Sequence[tuple[int, int, Sequence[Op]]], *, stamp: int) -> Position:
+        """Apply consecutive new records ``(epoch, seq, ops)`` in ONE transaction (one fsync).
+
+        What a backup does with several records of one replication message (catch-up, or
+        group-committed records in flight together). All or nothing: the same checks as
+        `apply` for each record (fence against `stamp`, chain, ops), and if any fails the
+        exception propagates and nothing is applied, so a batch is never acknowledged in part
+        (the caller may then retry record by record to apply the good prefix). Unlike
+        `apply`, an already-applied record is an error here (`Divergence`/`GapError`). Returns
+        the new position; listeners get one `Changes` for the whole batch after the commit.
+        """
+        spec = self._require_component()
+        if not records:
+            return self.position()
+        for epoch, seq, _ in records:
+            if seq < 1:
+                raise StoreError(f"seq must be >= 1, got {seq}")
+            if epoch > stamp:
+                raise StoreError(f"record of epoch {epoch} delivered under the older epoch {stamp}")
+        with self._lock:
+            with self._sessions() as session, session.begin():
+                f = self._fence_row(session, lock=True)
+                if stamp < f.epoch:
+                    log.warning(
+                        "stale batch rejected",
+                        extra={"group": self.group, "epoch": stamp, "fence": f.epoch, "seq": records[0][1]},
+                    )
+                    raise StaleEpoch(stamp, f.epoch)
+                ctx: ApplyContext | None = None
+                touched: dict[str, set[PrimaryKey]] = {}
+                now = self.clock.wall()
+                last_seq, last_epoch = f.applied_seq, f.applied_epoch
+                for epoch, seq, ops in records:
+                    if seq <= last_seq:
+                        raise Divergence(seq, self._epoch_at(session, f, seq), epoch)
+                    if seq != last_seq + 1:
+                        raise GapError(last_seq + 1, seq)
+                    op_list = [dict(op) for op in ops]
+                    ctx = ApplyContext(session=session, epoch=epoch, seq=seq, component=spec)
+                    session.info[_CTX_KEY] = ctx
+                    undo_per_op: list[list[dict[str, Any]]] = []
+                    for op in op_list:
+                        undo_per_op.append(list(spec.lookup(op)(ctx, op)))
+                        session.flush()
+                    for table, keys in ctx.touched.items():
+                        touched.setdefault(table, set()).update(keys)
+                    undo = [u for undos in reversed(undo_per_op) for u in undos]
+                    session.add(ChangeLog(seq=seq, epoch=epoch, ops=_pack(op_list), undo=_pack(undo), ts=now))
+                    last_seq, last_epoch = seq, epoch
+                f.epoch = max(f.epoch, stamp)
+                f.applied_epoch = last_epoch
+                f.applied_seq = last_seq
+                f.updated_ts = now
+                if self.log_keep is not None:
+                    self._trim(session, f, self.log_keep)
+                session.flush()
+                if ctx is not None:
+                    for table, keys in ctx.touched.items():
+                        touched.setdefault(table, set()).update(keys)
+                rows = self._rows_for(session, touched)
+                session.info.pop(_CTX_KEY, None)
+            position = Position(last_epoch, last_seq)
+            self._publish(Changes(position=position, rows=rows))
+        return position
 
     # ------------------------------------------------------------------ change log
 

@@ -495,6 +495,134 @@ def test_bad_chunk_aborts_the_transfer_and_it_is_asked_again() -> None:
 # --------------------------------------------------------------------------- codec
 
 
+# --------------------------------------------------------------------------- early send, batches
+
+
+class FailingCommitStore(MemoryReplicaStore):
+    """A store whose commit fails after the record was checked and its ops applied."""
+
+    fail = False
+
+    def append(self, record: ChangeRecord, stamp: int, before_commit: Any = None) -> None:
+        if not self.fail:
+            super().append(record, stamp, before_commit)
+            return
+        if before_commit is not None:
+            before_commit()
+        raise OSError("disk full")
+
+
+def in_sync_pair(store: MemoryReplicaStore | None = None) -> tuple[ReplicationPrimary, ReplicationBackup]:
+    p = ready_primary(store)
+    b = ReplicationBackup("b", G, MemoryReplicaStore(), CFG)
+    pump(p, b, p.tick(0.0), 0.0)
+    assert p.next_in_sync_proposal(0.0) == {"a", "b"}
+    p.on_in_sync_recorded({"a", "b"})
+    return p, b
+
+
+def test_early_send_goes_out_before_the_local_commit_and_commits_after_both() -> None:
+    p, b = in_sync_pair()
+    seen: list[tuple[int, list[Send]]] = []
+    r, rest = p.append(
+        [kv_put("x", 1), kv_put("y", 2)], 1.0, early=lambda s: seen.append((p.store.last_seq, s))
+    )
+    assert rest == []
+    assert len(seen) == 1 and seen[0][0] == 0  # sent while the primary had not committed seq 1
+    msg = only(seen[0][1], Replicate)[0]
+    assert msg.records == (r,) and (msg.last_seq, msg.last_epoch) == (1, 1)
+    assert p.commit_seq == 0  # durable here, but not yet at the in-sync backup
+    acks = b.handle(msg, 1.01)
+    assert b.store.state == {"x": 1, "y": 2}  # one record: both writes in one apply
+    p.on_ack(acks[0].msg, 1.02)
+    assert p.commit_seq == 1
+
+
+def test_a_bad_op_fails_before_anything_is_sent() -> None:
+    p, _ = in_sync_pair()
+    seen: list[list[Send]] = []
+    with pytest.raises(ValueError, match="unknown op"):
+        p.append([kv_put("x", 1), {"op": "nope"}], 1.0, early=seen.append)
+    assert seen == [] and p.ready and p.store.last_seq == 0
+    r, _ = p.append([kv_put("x", 1)], 1.1, early=seen.append)
+    assert r.seq == 1 and len(seen) == 1  # the seq is reused: nobody saw the failed record
+
+
+def test_commit_failure_after_the_early_send_retires_the_primary() -> None:
+    store = FailingCommitStore()
+    p, b = in_sync_pair(store)
+    store.fail = True
+    seen: list[list[Send]] = []
+    with pytest.raises(OSError):
+        p.append([kv_put("x", 1)], 1.0, early=seen.append)
+    assert p.failed and not p.ready and p.commit_seq == 0
+    with pytest.raises(NotReadyError):  # seq 1 of this epoch may exist at a backup: never reuse it
+        p.append([kv_put("other", 2)], 1.1, early=seen.append)
+    b.handle(only(seen[0], Replicate)[0], 1.0)
+    assert b.store.state == {"x": 1}  # the backup has a record that was never acknowledged
+
+
+def test_unacknowledged_record_only_at_the_backup_is_kept_or_discarded_safely() -> None:
+    """The primary's early send reached the backup, then the primary died before its commit."""
+    # (a) the backup takes over at epoch 2: the old primary rejoins and simply catches up.
+    old_a = MemoryReplicaStore()
+    b_store = MemoryReplicaStore()
+    b_store.append(rec(1, 1, 0, key="early"), 1)
+    pb = ReplicationPrimary("b", G, 2, b_store, ("a", "b"), CFG, now=0.0)
+    pb.next_in_sync_proposal(0.0)
+    pb.on_in_sync_recorded({"b"})
+    rejoin = ReplicationBackup("a", G, old_a, CFG)
+    pump_named(pb, rejoin, pb.tick(0.1), 0.1)
+    assert old_a.state == {"early": 1} and pb.lag("a") == 0
+    # (b) the old primary wins epoch 2 instead and writes its own seq 1: the backup's record is
+    # a divergent suffix, discarded by state transfer; it was never acknowledged to anyone.
+    a_store = MemoryReplicaStore()
+    b_store2 = MemoryReplicaStore()
+    b_store2.append(rec(1, 1, 0, key="early"), 1)
+    pa = ready_primary(a_store, epoch=2)
+    pa.append([kv_put("mine", 1)], 0.0)
+    b2 = ReplicationBackup("b", G, b_store2, CFG)
+    pump(pa, b2, pa.tick(0.1), 0.1)
+    assert b_store2.state == {"mine": 1} and (b_store2.last_seq, b_store2.last_epoch) == (1, 2)
+
+
+def pump_named(primary: ReplicationPrimary, backup: ReplicationBackup, sends: list[Send], now: float) -> None:
+    """`pump` for a pair whose names are not the default ones."""
+    queue = list(sends)
+    for _ in range(200):
+        if not queue:
+            return
+        s = queue.pop(0)
+        if s.to == backup.name:
+            queue += backup.handle(s.msg, now)
+        elif isinstance(s.msg, ReplicateAck):
+            queue += primary.on_ack(s.msg, now)
+        elif isinstance(s.msg, CatchUpRequest):
+            queue += primary.on_catch_up(s.msg, now)
+    raise AssertionError("messages kept flowing")
+
+
+def test_a_batch_applied_only_in_part_is_acknowledged_only_up_to_its_last_applied_record() -> None:
+    bstore = MemoryReplicaStore()
+    b = ReplicationBackup("b", G, bstore, CFG)
+    b.handle(replicate(1, [rec(1, 1, 0)]), 0.0)
+    bad = ChangeRecord(1, 3, 1, ({"op": "nope"},))
+    with pytest.raises(ValueError):
+        b.handle(replicate(1, [rec(2, 1, 1), bad, rec(4, 1, 1)]), 0.1)
+    assert bstore.last_seq == 2  # records are applied one transaction each, in order
+    acks = only(b.handle(replicate(1, [], last=(4, 1)), 0.2), ReplicateAck)
+    assert [a.seq for a in acks] == [2]  # never more than what is durably applied
+
+
+def test_fencing_rejects_a_whole_batch_from_an_old_epoch() -> None:
+    bstore = MemoryReplicaStore()
+    b = ReplicationBackup("b", G, bstore, CFG)
+    b.handle(replicate(3, [rec(1, 3, 0)]), 0.0)
+    out = b.handle(replicate(2, [rec(2, 2, 3), rec(3, 2, 2), rec(4, 2, 2)]), 0.1)
+    assert [s.msg for s in out] == [Fenced(G, "b", 3)]
+    assert bstore.last_seq == 1 and bstore.state == {"k1": 1}
+
+
 def test_codec_roundtrip() -> None:
     r = rec(3, 2, 1)
     for msg in (
@@ -579,3 +707,33 @@ def test_backup_converges_over_a_bad_network(
         now += 0.6
     assert bstore.state == pstore.state
     assert p.commit_seq == pstore.last_seq == writes
+
+
+def test_backup_applies_a_multi_record_message_as_one_batch() -> None:
+    batches: list[list[int]] = []
+
+    class Recording(MemoryReplicaStore):
+        def append_batch(self, records: Any, stamp: int) -> None:
+            batches.append([r.seq for r in records])
+            super().append_batch(records, stamp)
+
+    bstore = Recording()
+    b = ReplicationBackup("b", G, bstore, CFG)
+    out = b.handle(replicate(1, [rec(2, 1, 1), rec(1, 1, 0), rec(3, 1, 1), rec(5, 1, 1)]), 0.0)
+    assert batches == [[1, 2, 3]]  # the run extending the log, in one step; 5 waits for 4
+    assert only(out, ReplicateAck) == [ReplicateAck(G, "b", 1, 3)]
+    b.handle(replicate(1, [rec(4, 1, 1)], last=(5, 1)), 0.1)
+    assert bstore.last_seq == 5 and bstore.state == {f"k{i}": i for i in range(1, 6)}
+
+
+def test_tick_does_not_flood_a_slow_backup_with_records_already_in_flight() -> None:
+    """A restarted backup catching up under load: resending the same unacknowledged batch on
+    every tick made it skip duplicates forever (its acks timed out behind them)."""
+    p, b = in_sync_pair()
+    for i in range(20):
+        p.append([kv_put(f"k{i}", i)], 1.0)  # sent, not yet acknowledged (a slow backup)
+    assert only(p.tick(1.1), Replicate)[0].records == ()  # in flight: a heartbeat only
+    resent = only(p.tick(1.0 + CFG.catch_up_retry), Replicate)[0]  # unacknowledged for too long
+    assert [r.seq for r in resent.records] == list(range(1, 9))
+    pump(p, b, [Send("b", resent)], 1.6)  # each ack pulls the next batch at once
+    assert b.store.last_seq == 20 and p.lag("b") == 0

@@ -672,3 +672,60 @@ def test_sqlite_new_branch_revisions_apply_per_component(tmp_path: Path) -> None
         assert "note" in {c["name"] for c in inspector.get_columns("service_state")}
     finally:
         store.close()
+
+
+def test_before_commit_runs_after_the_ops_and_can_roll_back(open_store: OpenStore) -> None:
+    """The primary's early-send hook: called only once every op applied cleanly, and a failure
+    from it (or anything after it) leaves nothing applied."""
+    spec = KV.derive("kv-boom2", {("kv", "boom"): boom})
+    store = open_store("hook", component=spec, group="kv")
+    calls: list[int] = []
+    with pytest.raises(RuntimeError, match="boom"):
+        store.apply(
+            1, 1, [put_op("a", b"1"), {"op": "boom", "table": "kv"}], before_commit=lambda: calls.append(1)
+        )
+    assert calls == []  # a bad op fails before the hook: nothing was sent
+    seen: list[Position] = []
+    store.apply(1, 1, [put_op("a", b"1")], before_commit=lambda: seen.append(store.position()))
+    assert seen == [Position(0, 0)]  # called before the commit
+    assert store.position() == Position(1, 1)
+
+    def fail() -> None:
+        raise OSError("commit failed")
+
+    with pytest.raises(OSError, match="commit failed"):
+        store.apply(1, 2, [put_op("b", b"2"), put_op("c", b"3")], before_commit=fail)
+    assert kv_state(store) == {"a": (b"1", 1)}  # the whole group-committed record or nothing
+    assert store.position() == Position(1, 1)
+
+
+def test_apply_batch_is_one_all_or_nothing_transaction(open_store: OpenStore) -> None:
+    spec = KV.derive("kv-boom3", {("kv", "boom"): boom})
+    store = open_store("batch", component=spec, group="kv")
+    published: list[Any] = []
+    store.add_listener(published.append)
+    store.apply(1, 1, [put_op("a", b"1")])
+    published.clear()
+    batch = [
+        (1, 2, [put_op("b", b"2")]),
+        (2, 3, [put_op("a", b"3"), delete_op("b")]),
+        (2, 4, [put_op("c", b"4")]),
+    ]
+    assert store.apply_batch(batch, stamp=2) == Position(2, 4)
+    assert kv_state(store) == {"a": (b"3", 2), "c": (b"4", 1)}
+    assert [(r.seq, r.epoch) for r in store.read_log(0)] == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    assert store.fence() == 2
+    assert len(published) == 1 and published[0].position == Position(2, 4)  # one publish, after commit
+    assert published[0].rows["kv"][("b",)] is None and published[0].rows["kv"][("c",)]["value"] == b"4"
+    # A bad op in the last record: nothing of the batch applies.
+    with pytest.raises(RuntimeError, match="boom"):
+        store.apply_batch([(2, 5, [put_op("d", b"5")]), (2, 6, [{"op": "boom", "table": "kv"}])], stamp=2)
+    with pytest.raises(GapError):
+        store.apply_batch([(2, 5, [put_op("d", b"5")]), (2, 7, [put_op("e", b"7")])], stamp=2)
+    with pytest.raises(Divergence):
+        store.apply_batch([(2, 4, [put_op("d", b"5")])], stamp=2)
+    with pytest.raises(StaleEpoch):  # fencing: a batch stamped below the fence is refused whole
+        store.apply_batch([(1, 5, [put_op("d", b"5")]), (1, 6, [put_op("e", b"6")])], stamp=1)
+    with pytest.raises(StoreError):  # a record from the future
+        store.apply_batch([(3, 5, [put_op("d", b"5")])], stamp=2)
+    assert store.position() == Position(2, 4) and "d" not in kv_state(store)

@@ -1,0 +1,232 @@
+"""Generate docs/performance.md from a results file and the template benchmarks/performance.md.tmpl.
+
+    python -m benchmarks.report [benchmarks/results/DATE.json]   (default: the newest file)
+
+The template is hand-written prose with two kinds of markers: ``{{table:NAME}}`` becomes the
+table of benchmark NAME, ``{{a.b.c}}`` the value at that path in the results (``n/a`` when the
+benchmark was not run). Nothing in the generated file is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+TEMPLATE = ROOT / "benchmarks" / "performance.md.tmpl"
+OUT = ROOT / "docs" / "performance.md"
+
+
+def _f(x: Any, nd: int = 3) -> str:
+    if isinstance(x, bool):
+        return "met" if x else "NOT met"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _s(d: dict[str, Any] | None, unit: str = "", nd: int = 3) -> str:
+    """'p50 (min-max)' of a summary."""
+    if not d or not d.get("n"):
+        return "n/a"
+    return f"{_f(d['p50'], nd)}{unit} ({_f(d['min'], nd)}-{_f(d['max'], nd)})"
+
+
+def _run_line(r: dict[str, Any]) -> str:
+    run = r.get("_run", {})
+    m = run.get("machine", {})
+    return (
+        f"_Run {run.get('date', '?')}, {run.get('seconds', '?')} s, {m.get('cpus', '?')} CPUs, "
+        f"load average at start {m.get('loadavg_at_start', '?')}._"
+    )
+
+
+def t_replication_cost(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['trials']} alternating trials of {r['seconds_per_trial']} s per cell; "
+        "cells show the median over trials (min-max).",
+        "",
+        "| clients | setup | writes/s | p50 latency | p99 latency | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for key in sorted((k for k in r if k.startswith("clients_")), key=lambda k: int(k.split("_")[1])):
+        row = r[key]
+        n = key.split("_")[1]
+        for mode in ("unreplicated", "replicated"):
+            m = row[mode]
+            lines.append(
+                f"| {n} | {mode} | {_s(m['rate'], '', 0)} | {_s(m['p50_ms'], ' ms', 2)} | "
+                f"{_s(m['p99_ms'], ' ms', 2)} | {m['errors']} |"
+            )
+        c = row["cost_ratio"]
+        ratios.append(
+            f"| {n} | {c['p50_latency']}x | {c['p99_latency']}x | {c['throughput']}x | "
+            f"<= {r['target_ratio']}x | {_f(row['met'])} |"
+        )
+    lines += [
+        "",
+        "Cost of replication (replicated / unreplicated latency; unreplicated / replicated throughput):",
+        "",
+        "| clients | p50 latency | p99 latency | throughput | target | |",
+        "|---|---|---|---|---|---|",
+        *ratios,
+    ]
+    return "\n".join(lines)
+
+
+def t_failover(r: dict[str, Any]) -> str:
+    names = {
+        "kill9": "`kill -9` of the primary process (kv and clc fail over together)",
+        "kill9_one_group": "`kill -9`, clc primary elsewhere (kv alone fails over)",
+        "sigstop": "`SIGSTOP` of the primary process (no death certificate; lease expiry)",
+    }
+    lines = [
+        "Seconds from the signal to the first write acknowledged by the new primary; median (min-max).",
+        "",
+        "| failure | trials | kv p50 (min-max) | kv p99 | clc ENABLED elsewhere | client errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case, label in names.items():
+        e = r.get(case)
+        if not e:
+            continue
+        kv = e["kv_seconds"]
+        lines.append(
+            f"| {label} | {kv.get('n', 0)} | {_s(kv, ' s')} | {_f(kv.get('p99', 'n/a'))} s | "
+            f"{_s(e.get('clc_seconds'), ' s')} | {e['client_errors']} |"
+        )
+    t = r["targets"]
+    lines += [
+        "",
+        f"Target (kill -9): p50 < {t['kill9_p50_s']} s and p99 < {t['kill9_p99_s']} s: "
+        f"**{_f(r['kill9'].get('met'))}**.",
+    ]
+    return "\n".join(lines)
+
+
+def t_switchover(r: dict[str, Any]) -> str:
+    rows = [
+        ("longest gap between acknowledged writes around the switchover", r["write_gap_seconds"]),
+        ("the same over a steady 1 s window just before (noise floor)", r["steady_gap_seconds"]),
+        ("slowest write sent during the switchover", r["max_write_latency_seconds"]),
+        ("`eucactl switchover` run time (includes Python start-up)", r["eucactl_seconds"]),
+    ]
+    return "\n".join(
+        [
+            f"{r['trials']} switchovers under {r['clients']} writing clients; median (min-max).",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            *(f"| {label} | {_s(v, ' s')} |" for label, v in rows),
+            f"| client errors | {r['client_errors']} |",
+            "",
+            f"Target: gap < {int(r['target_gap_s'] * 1000)} ms in every trial and zero errors: "
+            f"**{_f(r['met'])}**.",
+        ]
+    )
+
+
+def t_read_after_failover(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['keys']} keys, {r['trials']} trials per case; median over trials (min-max).",
+        "",
+        "| case | window | read p50 | read p99 | reads in window |",
+        "|---|---|---|---|---|",
+    ]
+    for case, label in (
+        ("after_failover", "new primary after kill -9"),
+        ("cold_start", "cold-started process"),
+    ):
+        e = r[case]
+        for w in ("first_second", "steady"):
+            x = e[w]
+            lines.append(
+                f"| {label} | {w.replace('_', ' ')} | {_s(x['p50_ms'], ' ms')} | {_s(x['p99_ms'], ' ms')} | "
+                f"{_s(x['reads_per_window'], '', 0)} |"
+            )
+    a, c = r["after_failover"], r["cold_start"]
+    lines += [
+        "",
+        "| ratio first second / steady | p50 | p99 |",
+        "|---|---|---|",
+        f"| after failover | {_s(a['ratio_p50'], 'x', 2)} | {_s(a['ratio_p99'], 'x', 2)} |",
+        f"| cold start (baseline) | {_s(c['ratio_p50'], 'x', 2)} | {_s(c['ratio_p99'], 'x', 2)} |",
+        "",
+        f"Target: after failover within {r['target_ratio']}x of steady state (median of trials, p50 and "
+        f"p99): **{_f(r['met'])}**.",
+    ]
+    return "\n".join(lines)
+
+
+def t_testbed_boot(r: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "| measure | value |",
+            "|---|---|",
+            f"| `testbed up --hosts {r['hosts']}` | {_s(r['up_seconds'], ' s', 1)} |",
+            f"| idle memory, all hosts (PSS) | {_s(r['idle_pss_mib_total'], ' MiB', 1)} |",
+        ]
+    )
+
+
+TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "replication_cost": t_replication_cost,
+    "failover": t_failover,
+    "switchover": t_switchover,
+    "read_after_failover": t_read_after_failover,
+    "testbed_boot": t_testbed_boot,
+}
+
+
+def _lookup(results: dict[str, Any], path: str) -> str:
+    cur: Any = results
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return "n/a"
+        cur = cur[part]
+    return _f(cur)
+
+
+def render(results: dict[str, Any], template: str, source: str) -> str:
+    def table(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in results:
+            return f"_Not in {source}: run `make bench BENCH={name}`._"
+        return _run_line(results[name]) + "\n\n" + TABLES[name](results[name])
+
+    text = re.sub(r"\{\{table:(\w+)\}\}", table, template)
+    text = re.sub(r"\{\{([\w.]+)\}\}", lambda m: _lookup(results, m.group(1)), text)
+    header = (
+        f"<!-- GENERATED by `python -m benchmarks.report` from {source} and "
+        "benchmarks/performance.md.tmpl: edit the template, not this file. -->\n"
+    )
+    return header + text
+
+
+def main(argv: list[str]) -> int:
+    if argv:
+        path = Path(argv[0])
+    else:
+        files = sorted(RESULTS.glob("*.json"))
+        if not files:
+            print("report: no results in benchmarks/results; run `make bench` first", file=sys.stderr)
+            return 2
+        path = files[-1]
+    results = json.loads(path.read_text())
+    try:
+        source = str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        source = str(path)
+    OUT.write_text(render(results, TEMPLATE.read_text(), source))
+    print(f"report: wrote {OUT.relative_to(ROOT)} from {source}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
