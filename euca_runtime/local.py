@@ -425,12 +425,32 @@ def _node_config(
 
 def convert_to_ha(layout: Layout, timeout: float = UP_TIMEOUT) -> Layout:
     """Turn a running non-HA local cloud into an HA one without restarting node-a (I3)."""
-    root = layout.root
     if "node-a" not in layout.nodes or set(layout.nodes) - set(HA_NODES):
-        raise UpError(f"{root}: not a cloud made by `euca-runtime up` (nodes {sorted(layout.nodes)})")
+        raise UpError(f"{layout.root}: not a cloud made by `euca-runtime up` (nodes {sorted(layout.nodes)})")
     if not node_running(layout, "node-a"):
         _spawn_supervisor(layout, "node-a")
     wait_ready(layout, ["node-a"], timeout)
+    new = [n for n in HA_NODES if n not in layout.nodes]
+    layout = add_ha_nodes(layout)
+    for name in new:
+        if not node_running(layout, name):
+            _spawn_supervisor(layout, name)
+    wait_ready(layout, new, timeout, enabled=False)
+    try:
+        _http_json(
+            f"{layout.nodes['node-a'].admin}/v1/reload", layout.token(), method="POST", body={}, timeout=10.0
+        )
+    except (OSError, ValueError) as exc:
+        raise UpError(f"node-a did not reload its configuration: {exc}") from None
+    wait_ha(layout, timeout)
+    write_eucarc(layout)
+    return layout
+
+
+def add_ha_nodes(layout: Layout) -> Layout:
+    """Lay out node-b and node-c (``join: true``) next to node-a and rewrite node-a's config
+    (new peers, voters); cloud.json says ``ha`` afterwards. Starts nothing."""
+    root = layout.root
     token = layout.token()
     a_path = layout.nodes["node-a"].config
     a_cfg = yaml.safe_load(a_path.read_text())
@@ -478,18 +498,7 @@ def convert_to_ha(layout: Layout, timeout: float = UP_TIMEOUT) -> Layout:
     nodes_doc["node-a"] = {**nodes_doc["node-a"], "voter": True}
     doc.update(mode="ha", nodes=nodes_doc)
     (root / LAYOUT).write_text(json.dumps(doc, indent=2) + "\n")
-    layout = Layout(root, doc)
-    for name in new:
-        if not node_running(layout, name):
-            _spawn_supervisor(layout, name)
-    wait_ready(layout, list(new), timeout, enabled=False)
-    try:
-        _http_json(f"{layout.nodes['node-a'].admin}/v1/reload", token, method="POST", body={}, timeout=10.0)
-    except (OSError, ValueError) as exc:
-        raise UpError(f"node-a did not reload its configuration: {exc}") from None
-    wait_ha(layout, timeout)
-    write_eucarc(layout)
-    return layout
+    return Layout(root, doc)
 
 
 def wait_ha(layout: Layout, timeout: float = UP_TIMEOUT) -> None:

@@ -444,6 +444,9 @@ class Instance:
             return "NOTREADY", f"elected (epoch {cand.epoch}); recording the in-sync set"
         if self.known_in_sync:
             return "DISABLED", "in sync" + (f" with {self.following}" if self.following else "")
+        if cand.voter_config is None and not self.following:
+            why = "; ".join(f"{v}: {r}" for v, r in sorted(self.refusals.items())) or "no answer yet"
+            return "NOTREADY", f"joining: voter configuration not known yet (voters: {why})"
         if self.following:
             return "NOTREADY", f"catching up with {self.following}"
         return "NOTREADY", self.step_down_cause or "waiting for a primary"

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from euca_runtime import lease
 from euca_runtime.lease import (
     Candidate,
+    ConfigReply,
+    ConfigUpdate,
     DeathCertificate,
     Elected,
     InSyncRecorded,
-    ConfigReply,
-    ConfigUpdate,
     InSyncReply,
     InSyncUpdate,
     LeaseConfig,
