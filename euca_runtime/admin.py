@@ -17,6 +17,8 @@ Routes (JSON in, JSON out; errors are ``{"error": TYPE, "message": ...}`` with 4
 ``POST /v1/force-promote``                  ``{"name", "accept_data_loss": true}``
 ``POST /v1/death-certificate``              ``{"group", "holder", "epoch", "issuer"}`` (supervisors)
 ``POST /v1/fault``                          ``{"name", "fault": "hang"|"error"|null}`` (tests only)
+``POST /v1/reload``                         re-read this process's config file (peers, voters)
+``GET  /v1/voters``                         every group's voter configuration (describe-voters)
 ``GET  /v1/status``                         this node's status document
 ``GET  /metrics``                           Prometheus text format
 ==========================================  ========================================================
@@ -140,6 +142,16 @@ def make_admin_app(node: Node) -> web.Application:
         body = await _body(request)
         return web.json_response(await node.fault(str(body.get("name", "")), body.get("fault")))
 
+    async def reload(request: web.Request) -> web.Response:
+        from euca_runtime import reconfig
+
+        return web.json_response(await reconfig.reload(node))
+
+    async def voters(request: web.Request) -> web.Response:
+        from euca_runtime import reconfig
+
+        return web.json_response(reconfig.voters_doc(node))
+
     async def status(request: web.Request) -> web.Response:
         return web.json_response(node.status_doc())
 
@@ -156,6 +168,8 @@ def make_admin_app(node: Node) -> web.Application:
     app.router.add_post("/v1/force-promote", force_promote)
     app.router.add_post("/v1/death-certificate", death_certificate)
     app.router.add_post("/v1/fault", fault)
+    app.router.add_post("/v1/reload", reload)
+    app.router.add_get("/v1/voters", voters)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/metrics", metrics)
     return app

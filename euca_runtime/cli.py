@@ -1,7 +1,9 @@
 """``euca-runtime``: run one runtime process, or a whole local cloud.
 
 - ``euca-runtime serve --config FILE``: one runtime process (what systemd runs). SIGTERM or
-  SIGINT stops it gracefully: its leases are released so a backup takes over at once.
+  SIGINT stops it gracefully: its leases are released so a backup takes over at once. SIGHUP
+  re-reads FILE and applies its ``peers`` and ``voters`` without a restart (the same as
+  ``POST /v1/reload``; see `euca_runtime.reconfig`).
 - ``euca-runtime up [--ha] [--dir DIR] [--node NAME]``: a local cloud on loopback (see
   `euca_runtime.local`); returns once the cloud is ENABLED and prints where things are.
 - ``euca-runtime down --dir DIR [--node NAME]``: stop it; no process is left behind.
@@ -33,10 +35,22 @@ async def _serve(config_path: str) -> int:
     configure(cfg.log_level, node=cfg.node)
     token = load_admin_token(cfg.data_dir)
     node = Node(cfg, admin_token=token, faults_enabled=os.environ.get("EUCA_RUNTIME_FAULTS") == "1")
+    node.config_path = Path(config_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    async def reload() -> None:
+        from euca_runtime import reconfig
+        from euca_runtime.component import RequestError
+
+        try:
+            await reconfig.reload(node)
+        except RequestError as exc:
+            log.error("reload refused", extra={"reason": exc.message})
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: node.spawn(reload()))
     try:
         await node.start()
     except OSError as exc:

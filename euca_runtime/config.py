@@ -11,7 +11,8 @@ Example (every key shown; the optional ones with their defaults)::
     peers:                            # the other processes, by node name
       node-b: 10.0.0.12:7100
       node-c: 10.0.0.13:7100
-    voters: [node-a, node-b, node-c]  # odd count; each is this node or a peer
+    voters: [node-a, node-b, node-c]  # odd count; each is this node or a peer (see below)
+    join: false                       # true: this node is added to a running cloud (see below)
     components:                       # what this process hosts
       - {type: clc}
       - {type: sc, partition: cluster01, role: primary}   # role: auto | primary | backup
@@ -32,6 +33,15 @@ Example (every key shown; the optional ones with their defaults)::
     bus: {max_frame_bytes: 16777216, queue_size: 1024, connect_timeout: 2.0,
           idle_timeout: 5.0, idempotency_ttl: 120.0, idempotency_entries: 10000}
     log_level: info
+
+``voters`` bootstraps a brand-new cloud: the first start of a node records it (in
+``<data_dir>/voters.json``) as the voter set its groups start from. Afterwards it is the
+*target*: change it (on every node), then reload (``SIGHUP`` or ``POST /v1/reload``), and the
+lease holder of every group moves the group's voters there online (joint consensus, see
+`euca_runtime.lease`). ``peers`` and ``voters`` are reloadable; other keys need a restart.
+``join: true`` marks a node started to join a running cloud: its voter refuses bootstrap
+configurations and its instances learn each group's voters from the voters, never from this
+file, until the cloud-level voter configuration naming it is recorded.
 
 Validation is strict: unknown keys, wrong types, missing required keys, bad values and
 inconsistent combinations all raise :class:`ConfigError` with the dotted path of the
@@ -173,6 +183,7 @@ class RuntimeConfig:
     api: ApiListeners = field(default_factory=ApiListeners)
     bus: BusSettings = field(default_factory=BusSettings)
     log_level: str = "info"
+    join: bool = False
 
     def transport_options(self) -> TransportOptions:
         """The :class:`~euca_runtime.transport.TransportOptions` this config asks for."""
@@ -443,7 +454,7 @@ def _bus(value: Any) -> BusSettings:
 # --- entry points ---------------------------------------------------------------------------
 
 _REQUIRED = ("node", "listen", "admin", "data_dir", "tls", "voters")
-_OPTIONAL = ("database_url", "peers", "components", "timing", "routes", "api", "bus", "log_level")
+_OPTIONAL = ("database_url", "peers", "components", "timing", "routes", "api", "bus", "log_level", "join")
 
 
 def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
@@ -472,6 +483,9 @@ def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
     api = _api(_opt(d, "api", {}))
     bus = _bus(_opt(d, "bus", {}))
     log_level = _choice(_opt(d, "log_level", "info"), "log_level", LOG_LEVELS)
+    join = _opt(d, "join", False)
+    if not isinstance(join, bool):
+        _fail("join", "must be true or false", join)
 
     listeners = [("listen", listen), ("admin", admin)]
     listeners += [(f"api.{k}", getattr(api, k)) for k in API_NAMES if getattr(api, k) is not None]
@@ -496,6 +510,7 @@ def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
         api=api,
         bus=bus,
         log_level=log_level,
+        join=join,
     )
 
 
@@ -578,6 +593,7 @@ def config_to_dict(cfg: RuntimeConfig) -> dict[str, Any]:
         "api": {k: str(getattr(cfg.api, k)) for k in API_NAMES if getattr(cfg.api, k) is not None},
         "bus": {k: getattr(cfg.bus, k) for k in BusSettings.__dataclass_fields__},
         "log_level": cfg.log_level,
+        "join": cfg.join,
     }
 
 

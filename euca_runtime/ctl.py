@@ -27,6 +27,11 @@ is down. Commands:
 - ``switchover GROUP --to NAME``: planned hand-over of a group's primary role.
 - ``register NAME [--type T] [--partition P] [--node N] [--host H]`` / ``deregister NAME``.
 - ``force-promote NAME --accept-data-loss``: promote an instance outside the in-sync set.
+- ``describe-voters [-o table|json]``: every group's voter configuration (version, sets, joint
+  or not, a pending change), the configured target and which voters are still joining.
+  ``describe-services -o json`` also carries each instance's ``voter_config``.
+- ``reload``: make the process(es) re-read their configuration file (peers, voters; what
+  ``SIGHUP`` does); with ``--dir``, every node of the local cloud.
 """
 
 from __future__ import annotations
@@ -240,6 +245,26 @@ def _events_table(events: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _voters_table(doc: dict[str, Any]) -> str:
+    def sets(cfg: dict[str, Any] | None) -> str:
+        if not cfg:
+            return "-"
+        return " + ".join("{" + ",".join(x) + "}" for x in cfg["sets"]) + f" v{tuple(cfg['version'])}"
+
+    lines = [f"target voters: {' '.join(doc.get('target', []))}"]
+    joining = [v["node"] for v in doc.get("voters", []) if v.get("joining")]
+    lines.append(f"joining voters: {' '.join(joining) if joining else '-'}")
+    rows = [("GROUP", "HOLDER", "EPOCH", "VOTERS", "PENDING")]
+    for g in doc.get("groups", []):
+        epoch = "-" if g.get("epoch") is None else str(g["epoch"])
+        rows.append(
+            (g["group"], g.get("holder") or "-", epoch, sets(g.get("config")), sets(g.get("pending")))
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``eucactl`` entry point; a closed pipe (``eucactl ... | head``) ends it quietly."""
     try:
@@ -278,6 +303,9 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--host")
     p = sub.add_parser("deregister", help="deregister (and stop) a service instance")
     p.add_argument("name")
+    p = sub.add_parser("describe-voters", help="show every group's voter configuration")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    sub.add_parser("reload", help="re-read the configuration file (peers, voters) without a restart")
     p = sub.add_parser("force-promote", help="promote an instance that may lack acknowledged writes")
     p.add_argument("name")
     p.add_argument("--accept-data-loss", action="store_true", required=True)
@@ -332,6 +360,22 @@ def _main(argv: list[str] | None = None) -> int:
         if args.cmd == "deregister":
             res = client.call("POST", "/v1/deregister", {"name": args.name}, timeout=20.0)
             print(f"{res['name']}: deregistered")
+            return 0
+        if args.cmd == "describe-voters":
+            doc = client.call("GET", "/v1/voters")
+            if args.output == "json":
+                print(json.dumps(doc, indent=2))
+            else:
+                print(_voters_table(doc))
+            return 0
+        if args.cmd == "reload":
+            for url in client.urls:
+                res = Client([url], client.token).call("POST", "/v1/reload", {})
+                changed = ", ".join(res.get("changed") or []) or "nothing"
+                ignored = f"; needs a restart: {', '.join(res['ignored'])}" if res.get("ignored") else ""
+                print(
+                    f"{res['node']}: reloaded ({changed} changed{ignored}); voters {' '.join(res['voters'])}"
+                )
             return 0
         if args.cmd == "force-promote":
             res = client.call(

@@ -38,6 +38,58 @@ The protocol, per service group (a string key such as ``"clc"`` or ``"sc/cluster
 * **Death certificate.** A host supervisor that watched a holder's process die sends
   `DeathCertificate(group, holder, epoch)`; a voter whose promise matches exactly releases the
   lease at once instead of waiting for expiry.
+
+* **Voter configuration (I3: a non-HA cloud becomes HA online).** Each group's voter set is a
+  versioned `VoterConfig` recorded by the voters, like the in-sync set: one set (normal) or two
+  (joint: old and new). Versions are ``(epoch, n)``, made only by the holder of ``epoch``; the
+  static ``voters`` list of a node's configuration is only the bootstrap of a brand-new group
+  (version ``(0, 0)``) and, afterwards, the *target* its holders move the group to.
+
+  - A lease, an in-sync update or a configuration change needs a majority of *every* set of
+    the configuration. Every `LeaseRequest` carries the candidate's configuration version; a
+    voter refuses a new epoch (reason ``config``) to a candidate whose version is older than
+    the one it recorded, and every reply carries the voter's recorded configuration, which a
+    candidate adopts when it is newer than its own. A holder never adopts: every config it
+    could hear of is older than its own (see the pin below) unless a higher epoch exists, and
+    then it steps down.
+  - On election the holder *pins* the configuration it was elected with at version
+    ``(E, 1)`` (like Raft's no-op entry): this overrides any newer-looking but uncommitted
+    configuration of a deposed holder that a minority recorded, and makes sure voters of a group
+    that predates this feature record one.
+  - Change from ``{Old}`` to ``{New}`` (holder-driven joint consensus, `Candidate.target`):
+    (1) propose joint ``{Old, New}`` (a `ConfigUpdate` that also carries the recorded in-sync set
+    and its version, so new voters learn I2's set) while sending lease rounds to ``Old | New``;
+    (2) once a majority of both sets recorded it and a majority of each set granted our epoch,
+    it becomes the holder's configuration and it proposes ``{New}``; (3) committed once a
+    majority of ``New`` recorded it. The holder's writer test uses the sets of its *current*
+    configuration (``Old`` in (1), both in (2), ``New`` after (3)); its in-sync updates need
+    the sets of the current and of the pending configuration.
+
+    Why that is safe (I1). Two writers need majorities of a common set. Every candidate uses a
+    configuration someone proposed; consecutive configurations share a set; a candidate with an
+    older one than the joint's predecessor cannot collect a majority, because the joint was
+    recorded by a majority of ``Old`` before ``{New}`` was proposed and those voters refuse it
+    (``config``); a voter that promised epoch E' refuses configuration updates from lower epochs,
+    so a deposed holder cannot complete a change behind a newer holder's back. In phase (1) only
+    configurations containing ``Old`` can be in use (``{New}`` is not proposed yet), so the
+    holder's ``Old`` majority is enough. I2: a configuration without ``Old`` is only proposed after a
+    majority of ``New`` recorded the joint *with* the in-sync set, and later in-sync changes
+    need a majority of ``New`` too, so an election by ``New`` alone still intersects it.
+  - Joining (fresh voters must not enable split brain). A voter started with ``joining=True``
+    (a node added to an existing cloud) refuses lease requests made with a *bootstrap*
+    configuration (version (0, 0): the static list of some node's file, which is not what the
+    running group uses) for a group whose configuration it has not recorded from a holder
+    (reason ``joining``). A request carrying a version some holder made is safe to grant: that
+    configuration's other quorums still count (refusing it too would deadlock a group whose
+    holder died after only the old voters recorded the joint configuration: the simulation
+    found that). It leaves join mode for good once it records the *cloud* configuration (group
+    `CLOUD`, sent when every group has moved) that names it. A candidate built without a known
+    configuration (``voters=None`` in `Candidate`) never campaigns: it only probes (epoch-0
+    requests that no voter can grant) and campaigns once a voter's reply told it the group's
+    configuration.
+  - A holder whose pending change cannot reach a majority because voters promised its epoch to
+    another candidate (two campaigns for one epoch) steps down (``epoch_taken``): only a new
+    epoch can complete the change.
 """
 
 from __future__ import annotations
@@ -48,6 +100,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
+from euca_runtime.codec import Codec
 from euca_runtime.log import get_logger
 
 log = get_logger("lease")
@@ -135,7 +188,11 @@ class LeaseRequest:
     """Candidate -> voter: acquire `epoch` (higher than promised) or renew it (same epoch).
 
     `force` is the operator's force-promote (``--accept-data-loss``): it skips the in-sync
-    check, never the single-holder or epoch checks.
+    check, never the single-holder or epoch checks. `config_version` is the version of the
+    voter configuration the candidate uses (a voter with a newer one refuses a new epoch).
+    Epoch 0 is a probe: always refused, answered with the voter's configuration.
+    `in_sync` / `in_sync_version`: the newest in-sync set the candidate heard of from voters; a
+    voter with an older one records it first (a relayed holder update: versions are ordered).
     """
 
     group: str
@@ -143,6 +200,9 @@ class LeaseRequest:
     epoch: int
     request_id: int
     force: bool = False
+    config_version: tuple[int, int] = (0, 0)
+    in_sync: tuple[str, ...] | None = None
+    in_sync_version: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +211,10 @@ class LeaseReply:
 
     `reason` when refused: ``lower_epoch`` (a promise at or above it exists), ``held`` (another
     holder's lease is unexpired here), ``not_in_sync`` (not in the recorded in-sync set),
-    ``released`` (renewal of a lease that was released or death-certified).
+    ``released`` (renewal of a lease that was released or death-certified), ``config`` (the
+    voter recorded a newer voter configuration, in `config`), ``joining`` (a joining voter that
+    has not recorded this group's configuration yet). `config_version` / `config` are the
+    voter's recorded configuration (``()`` when it has none).
     """
 
     group: str
@@ -164,6 +227,10 @@ class LeaseReply:
     promised_epoch: int
     reason: str = ""
     holder: str | None = None
+    config_version: tuple[int, int] = (0, 0)
+    config: tuple[tuple[str, ...], ...] = ()
+    in_sync: tuple[str, ...] | None = None
+    in_sync_version: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +276,37 @@ class InSyncReply:
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigUpdate:
+    """Holder -> voters: record `sets` as the group's voter configuration at `version`.
+
+    It also carries the holder's recorded in-sync set (`in_sync`, None when it has none yet)
+    and its version, so that a new voter learns it with the configuration (I2). For group
+    `CLOUD` it is the cloud-level configuration that ends the voters' join mode.
+    """
+
+    group: str
+    holder: str
+    epoch: int
+    version: tuple[int, int]
+    sets: tuple[tuple[str, ...], ...]
+    in_sync: tuple[str, ...] | None = None
+    in_sync_version: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigReply:
+    """Voter -> holder. ``ok`` means the voter now holds configuration `version` or newer."""
+
+    group: str
+    voter: str
+    epoch: int
+    version: tuple[int, int]
+    ok: bool
+    promised_epoch: int
+    reason: str = ""
+
+
 LEASE_MESSAGES: tuple[type, ...] = (
     LeaseRequest,
     LeaseReply,
@@ -216,33 +314,74 @@ LEASE_MESSAGES: tuple[type, ...] = (
     DeathCertificate,
     InSyncUpdate,
     InSyncReply,
+    ConfigUpdate,
+    ConfigReply,
 )
-_BY_NAME = {cls.__name__: cls for cls in LEASE_MESSAGES}
+_CODEC = Codec("lease", LEASE_MESSAGES)
 
 
 def encode(msg: Any) -> dict[str, Any]:
     """A plain dict (msgpack/JSON-able) for a lease message, tagged with its type."""
-    if type(msg) not in LEASE_MESSAGES:
-        raise TypeError(f"not a lease message: {type(msg).__name__}")
-    doc: dict[str, Any] = {"type": type(msg).__name__}
-    for name in msg.__dataclass_fields__:
-        value = getattr(msg, name)
-        doc[name] = list(value) if isinstance(value, tuple) else value
-    return doc
+    return _CODEC.encode(msg)
 
 
 def decode(doc: Mapping[str, Any]) -> Any:
     """Inverse of `encode`; raises ValueError on an unknown type or missing fields."""
-    cls = _BY_NAME.get(str(doc.get("type")))
-    if cls is None:
-        raise ValueError(f"unknown lease message type {doc.get('type')!r}")
-    kwargs = {k: v for k, v in doc.items() if k != "type"}
-    if "members" in kwargs:
-        kwargs["members"] = tuple(kwargs["members"])
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"bad {cls.__name__}: {exc}") from exc
+    return _CODEC.decode(doc)
+
+
+# --------------------------------------------------------------------------- voter configuration
+
+CLOUD = "*"
+"""Pseudo-group of the cloud-level voter configuration (ends join mode; see the module doc)."""
+BOOTSTRAP_VERSION = (0, 0)
+PROBE_VERSION = (-1, -1)
+
+
+def majority(n: int) -> int:
+    """Quorum size for `n` voters."""
+    return n // 2 + 1
+
+
+@dataclass(frozen=True)
+class VoterConfig:
+    """A versioned voter configuration: one set (normal) or two (joint: old, new)."""
+
+    version: tuple[int, int]
+    sets: tuple[frozenset[str], ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.sets) <= 2 or any(not s for s in self.sets):
+            raise ValueError(f"a voter configuration is one or two non-empty sets, got {self.sets}")
+
+    @classmethod
+    def normal(cls, voters: Iterable[str], version: tuple[int, int] = BOOTSTRAP_VERSION) -> VoterConfig:
+        return cls(version, (frozenset(voters),))
+
+    @classmethod
+    def from_wire(cls, version: Iterable[int], sets: Iterable[Iterable[str]]) -> VoterConfig:
+        v = tuple(int(x) for x in version)
+        return cls((v[0], v[1]), tuple(frozenset(x) for x in sets))
+
+    @property
+    def joint(self) -> bool:
+        return len(self.sets) == 2
+
+    @property
+    def voters(self) -> frozenset[str]:
+        return frozenset().union(*self.sets)
+
+    def quorum(self, names: Iterable[str]) -> bool:
+        """True when `names` hold a majority of every set."""
+        have = set(names)
+        return all(len(have & s) >= majority(len(s)) for s in self.sets)
+
+    def wire(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(tuple(sorted(s)) for s in self.sets)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for status documents and ``eucactl``."""
+        return {"version": list(self.version), "sets": [sorted(s) for s in self.sets], "joint": self.joint}
 
 
 # --------------------------------------------------------------------------- voter side
@@ -277,33 +416,45 @@ class MemoryVoterStorage:
 
 @dataclass
 class VoterRecord:
-    """What a voter persists for one group."""
+    """What a voter persists for one group (records written before voter configurations
+    existed load with `config` None and version (0, 0))."""
 
     promised: int = 0
     holder: str | None = None
     released: bool = True
     in_sync: frozenset[str] | None = None
     in_sync_version: tuple[int, int] = (0, 0)
+    config: VoterConfig | None = None
+
+    @property
+    def config_version(self) -> tuple[int, int]:
+        return self.config.version if self.config is not None else BOOTSTRAP_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "promised": self.promised,
             "holder": self.holder,
             "released": self.released,
             "in_sync": None if self.in_sync is None else sorted(self.in_sync),
             "in_sync_version": list(self.in_sync_version),
         }
+        if self.config is not None:
+            doc["config"] = [sorted(x) for x in self.config.sets]
+            doc["config_version"] = list(self.config.version)
+        return doc
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> VoterRecord:
         in_sync = doc.get("in_sync")
         version = doc.get("in_sync_version") or (0, 0)
+        sets = doc.get("config")
         return cls(
             promised=int(doc.get("promised", 0)),
             holder=doc.get("holder"),
             released=bool(doc.get("released", True)),
             in_sync=None if in_sync is None else frozenset(in_sync),
             in_sync_version=(int(version[0]), int(version[1])),
+            config=None if not sets else VoterConfig.from_wire(doc.get("config_version") or (0, 0), sets),
         )
 
 
@@ -317,22 +468,35 @@ class VoterView:
     lease_remaining: float
     in_sync: frozenset[str] | None
     in_sync_version: tuple[int, int]
+    config: VoterConfig | None = None
 
 
 class Voter:
-    """One process's voter, for every group. Call `handle(msg, now)`; send back what it returns."""
+    """One process's voter, for every group. Call `handle(msg, now)`; send back what it returns.
 
-    def __init__(self, name: str, storage: VoterStorage, config: LeaseConfig, now: float) -> None:
+    `joining`: this voter was added to an existing cloud. Until it records the cloud-level
+    configuration naming it (group `CLOUD`), it grants nothing for a group whose configuration
+    it has not recorded from a holder.
+    """
+
+    def __init__(
+        self, name: str, storage: VoterStorage, config: LeaseConfig, now: float, *, joining: bool = False
+    ) -> None:
         self.name = name
         self.storage = storage
         self.config = config
         self._records: dict[str, VoterRecord] = {}
         self._expiry: dict[str, float] = {}
+        self.cloud: VoterConfig | None = None
         for group, doc in sorted(storage.load().items()):
             rec = VoterRecord.from_dict(doc)
+            if group == CLOUD:
+                self.cloud = rec.config
+                continue
             self._records[group] = rec
             # We cannot know how long we were down: a recorded holder keeps a full lease.
             self._expiry[group] = now + config.duration if rec.holder and not rec.released else NEVER
+        self.joining = joining and not (self.cloud is not None and name in self.cloud.voters)
 
     # -- helpers
 
@@ -350,22 +514,30 @@ class Voter:
         """I2: only a member of the recorded in-sync set may take a new epoch (unless forced)."""
         return force or rec.in_sync is None or candidate in rec.in_sync
 
+    def config_current(self, rec: VoterRecord, version: tuple[int, int]) -> bool:
+        """A candidate using configuration `version` is not behind what we recorded."""
+        return version >= rec.config_version
+
     def view(self, group: str, now: float) -> VoterView:
         rec = self._record(group)
         remaining = max(0.0, self._expiry[group] - now) if rec.holder and not rec.released else 0.0
-        return VoterView(group, rec.promised, rec.holder, remaining, rec.in_sync, rec.in_sync_version)
+        return VoterView(
+            group, rec.promised, rec.holder, remaining, rec.in_sync, rec.in_sync_version, rec.config
+        )
 
     def groups(self) -> list[str]:
         return sorted(self._records)
 
     # -- dispatch
 
-    def handle(self, msg: Any, now: float) -> LeaseReply | InSyncReply | None:
+    def handle(self, msg: Any, now: float) -> LeaseReply | InSyncReply | ConfigReply | None:
         """Handle one message; returns the reply to send to its sender, if any."""
         if isinstance(msg, LeaseRequest):
             return self.on_lease_request(msg, now)
         if isinstance(msg, InSyncUpdate):
             return self.on_in_sync_update(msg, now)
+        if isinstance(msg, ConfigUpdate):
+            return self.on_config_update(msg, now)
         if isinstance(msg, LeaseRelease):
             self.on_release(msg.group, msg.holder, msg.epoch, now, "released")
             return None
@@ -390,8 +562,16 @@ class Voter:
                 promised_epoch=rec.promised,
                 reason=reason,
                 holder=rec.holder,
+                config_version=rec.config_version,
+                config=rec.config.wire() if rec.config is not None else (),
+                in_sync=None if rec.in_sync is None else tuple(sorted(rec.in_sync)),
+                in_sync_version=rec.in_sync_version,
             )
 
+        if self.joining and rec.config is None and req.config_version <= BOOTSTRAP_VERSION:
+            # Only a bootstrap configuration is dangerous here (fresh voters could form a
+            # majority of their own); a version made by a holder is one the group really had.
+            return reply(False, "joining")
         if req.epoch <= 0 or req.epoch < rec.promised:
             return reply(False, "lower_epoch")
         if req.epoch == rec.promised:
@@ -399,11 +579,20 @@ class Voter:
                 return reply(False, "lower_epoch")
             if rec.released:
                 return reply(False, "released")
-            self._expiry[req.group] = now + self.config.duration  # renewal: nothing new to persist
+            # Renewal: the configuration does not matter (a newer one would need a higher epoch
+            # to be used by anyone else); nothing new to persist.
+            self._expiry[req.group] = now + self.config.duration
             return reply(True)
         # A new, higher epoch.
+        if req.in_sync is not None and tuple(req.in_sync_version) > rec.in_sync_version:
+            # A newer in-sync set, relayed from another voter: exactly a late holder update.
+            rec.in_sync = frozenset(req.in_sync)
+            rec.in_sync_version = (int(req.in_sync_version[0]), int(req.in_sync_version[1]))
+            self._persist(req.group, rec)
         if rec.holder is not None and rec.holder != req.candidate and not rec.released and now < expiry:
             return reply(False, "held")
+        if not self.config_current(rec, req.config_version):
+            return reply(False, "config")
         if not self.eligible(rec, req.candidate, req.force):
             return reply(False, "not_in_sync")
         if req.force:
@@ -428,16 +617,23 @@ class Voter:
         log.info(why, extra={"group": group, "epoch": epoch, "peer": holder})
         return True
 
+    def _holder_refusal(self, rec: VoterRecord, epoch: int, holder: str) -> str:
+        """Why an update from `holder` at `epoch` is refused ("" when it is not)."""
+        if epoch < rec.promised:
+            return "lower_epoch"
+        if epoch == rec.promised and rec.holder not in (None, holder):
+            return "not_holder"
+        return ""
+
     def on_in_sync_update(self, msg: InSyncUpdate, now: float) -> InSyncReply:
         rec = self._record(msg.group)
 
         def reply(ok: bool, reason: str = "") -> InSyncReply:
             return InSyncReply(msg.group, self.name, msg.epoch, msg.version, ok, rec.promised, reason)
 
-        if msg.epoch < rec.promised:
-            return reply(False, "lower_epoch")
-        if msg.epoch == rec.promised and rec.holder not in (None, msg.holder):
-            return reply(False, "not_holder")
+        refused = self._holder_refusal(rec, msg.epoch, msg.holder)
+        if refused:
+            return reply(False, refused)
         version = (msg.epoch, msg.version)
         if version > rec.in_sync_version:
             rec.in_sync = frozenset(msg.members)
@@ -453,6 +649,56 @@ class Voter:
                 },
             )
         return reply(True)
+
+    def on_config_update(self, msg: ConfigUpdate, now: float) -> ConfigReply:
+        if msg.group == CLOUD:
+            return self._on_cloud_config(msg)
+        rec = self._record(msg.group)
+
+        def reply(ok: bool, reason: str = "") -> ConfigReply:
+            return ConfigReply(msg.group, self.name, msg.epoch, msg.version, ok, rec.promised, reason)
+
+        refused = self._holder_refusal(rec, msg.epoch, msg.holder)
+        if refused:
+            return reply(False, refused)
+        try:
+            cfg = VoterConfig.from_wire(msg.version, msg.sets)
+        except (ValueError, IndexError, TypeError):
+            return reply(False, "bad_config")
+        changed = False
+        if cfg.version > rec.config_version:
+            rec.config = cfg
+            changed = True
+        if msg.in_sync is not None and tuple(msg.in_sync_version) > rec.in_sync_version:
+            rec.in_sync = frozenset(msg.in_sync)
+            rec.in_sync_version = (int(msg.in_sync_version[0]), int(msg.in_sync_version[1]))
+            changed = True
+        if changed:
+            self._persist(msg.group, rec)
+            log.info(
+                "voter configuration recorded",
+                extra={
+                    "group": msg.group,
+                    "epoch": msg.epoch,
+                    "peer": msg.holder,
+                    "version": list(rec.config_version),
+                    "voters": [sorted(x) for x in (rec.config.sets if rec.config else ())],
+                },
+            )
+        return reply(True)
+
+    def _on_cloud_config(self, msg: ConfigUpdate) -> ConfigReply:
+        try:
+            cfg = VoterConfig.from_wire(msg.version, msg.sets)
+        except (ValueError, IndexError, TypeError):
+            return ConfigReply(CLOUD, self.name, msg.epoch, msg.version, False, 0, "bad_config")
+        if self.cloud is None or cfg.version > self.cloud.version:
+            self.storage.save(CLOUD, VoterRecord(config=cfg).to_dict())
+            self.cloud = cfg
+            if self.joining and self.name in cfg.voters:
+                self.joining = False
+                log.info("join mode ended", extra={"peer": msg.holder, "voters": sorted(cfg.voters)})
+        return ConfigReply(CLOUD, self.name, msg.epoch, msg.version, True, 0)
 
 
 # --------------------------------------------------------------------------- candidate side
@@ -484,9 +730,6 @@ class InSyncRecorded:
     members: frozenset[str]
 
 
-LeaseEvent = Elected | SteppedDown | InSyncRecorded
-
-
 class NotHolderError(RuntimeError):
     """An operation that needs the lease was attempted without it."""
 
@@ -499,25 +742,61 @@ class _Proposal:
     sent_at: float = NEVER
 
 
+@dataclass
+class _ConfigProposal:
+    config: VoterConfig
+    acks: set[str] = field(default_factory=set)
+    sent_at: float = NEVER
+    recorded: bool = False
+
+
+@dataclass(frozen=True)
+class ConfigRecorded:
+    """The holder's configuration changed: `config` is now what its quorums are counted in."""
+
+    epoch: int
+    config: VoterConfig
+
+
+LeaseEvent = Elected | SteppedDown | InSyncRecorded | ConfigRecorded
+
+
 class Candidate:
-    """One process's lease client for one group: campaigns, holds, renews, steps down.
+    """One process's lease client for one group: campaigns, holds, renews, steps down, and
+    (as holder) moves the group's voter configuration to `target`.
 
     Drive it with `campaign`, `tick` (at least by `next_deadline()`), `on_lease_reply`,
-    `on_in_sync_reply` and `observe_epoch`; each returns the `Send`s to deliver. What happened
-    (elected, stepped down, in-sync set recorded) is queued for `drain_events()`.
-    `is_writer(now)` is the single-writer test: call it with a fresh `now` before every write.
+    `on_in_sync_reply`, `on_config_reply` and `observe_epoch`; each returns the `Send`s to
+    deliver. What happened (elected, stepped down, in-sync set or configuration recorded) is
+    queued for `drain_events()`. `is_writer(now)` is the single-writer test: call it with a fresh
+    `now` before every write.
+
+    `voters` is the bootstrap configuration (version (0, 0)) and the initial `target`; None means
+    the configuration is unknown (a node joining an existing cloud): `campaign` then only probes
+    `probe_voters` until a voter's reply tells it the configuration.
     """
 
     def __init__(
-        self, name: str, group: str, voters: Iterable[str], config: LeaseConfig, *, min_epoch: int = 0
+        self,
+        name: str,
+        group: str,
+        voters: Iterable[str] | None,
+        config: LeaseConfig,
+        *,
+        min_epoch: int = 0,
+        probe_voters: Iterable[str] = (),
     ) -> None:
-        unique = tuple(sorted(set(voters)))
-        if not unique or len(unique) % 2 == 0:
-            raise ValueError(f"the voter set must have an odd size, got {len(unique)}")
         self.name = name
         self.group = group
-        self.voters: tuple[str, ...] = unique
-        self.quorum = len(unique) // 2 + 1
+        self.voter_config: VoterConfig | None = None
+        self.target: frozenset[str] | None = None
+        if voters is not None:
+            unique = frozenset(voters)
+            if not unique or len(unique) % 2 == 0:
+                raise ValueError(f"the voter set must have an odd size, got {len(unique)}")
+            self.voter_config = VoterConfig.normal(unique)
+            self.target = unique
+        self.probe_voters = frozenset(probe_voters) or (self.target or frozenset())
         self.config = config
         self.role = Role.FOLLOWER
         self.epoch = 0
@@ -531,16 +810,69 @@ class Candidate:
         self._next_renew = math.inf
         self._in_sync_version = 0
         self._proposal: _Proposal | None = None
+        self._cfg_prop: _ConfigProposal | None = None
+        self._cfg_version = 0
+        self._taken: set[str] = set()
+        """Voters that promised our epoch to another candidate: they never take our updates."""
+        self.known_in_sync: tuple[tuple[int, int], tuple[str, ...]] | None = None
+        """The newest (version, members) in-sync set heard of from voters (relayed in requests)."""
         self.in_sync_recorded: InSyncRecorded | None = None
         self._events: list[LeaseEvent] = []
 
     # -- queries
 
-    def lease_end(self) -> float:
-        """Holder-side end of the lease: the majority-th latest per-voter validity."""
-        if len(self._valid) < self.quorum:
+    @property
+    def voters(self) -> tuple[str, ...]:
+        """Every voter we talk to: those of the configuration and of a pending change."""
+        names: set[str] = set()
+        if self.voter_config is not None:
+            names |= self.voter_config.voters
+        if self._cfg_prop is not None:
+            names |= self._cfg_prop.config.voters
+        return tuple(sorted(names))
+
+    @property
+    def quorum(self) -> int:
+        """Majority of the largest set (kept for callers that count grants by hand)."""
+        sets = self.voter_config.sets if self.voter_config is not None else (self.probe_voters,)
+        return max(majority(len(x)) for x in sets)
+
+    @property
+    def config_version(self) -> tuple[int, int]:
+        """The version our requests carry: the newest configuration we use or proposed."""
+        if self.voter_config is None:
+            return PROBE_VERSION
+        if self._cfg_prop is not None:
+            return max(self._cfg_prop.config.version, self.voter_config.version)
+        return self.voter_config.version
+
+    @property
+    def config_pending(self) -> VoterConfig | None:
+        return None if self._cfg_prop is None else self._cfg_prop.config
+
+    def cannot_win(self, refused: Iterable[str]) -> bool:
+        """True when these voters' refusals leave some set without a possible majority."""
+        cfg = self.voter_config
+        if cfg is None:
+            return True
+        no = set(refused)
+        return any(len(x - no) < majority(len(x)) for x in cfg.sets)
+
+    def _lease_end(self, cfg: VoterConfig | None) -> float:
+        if cfg is None:
             return NEVER
-        return sorted(self._valid.values(), reverse=True)[self.quorum - 1]
+        ends = []
+        for voters in cfg.sets:
+            q = majority(len(voters))
+            valid = sorted((self._valid[v] for v in voters if v in self._valid), reverse=True)
+            if len(valid) < q:
+                return NEVER
+            ends.append(valid[q - 1])
+        return min(ends)
+
+    def lease_end(self) -> float:
+        """Holder-side end of the lease: the majority-th latest validity, in every set."""
+        return self._lease_end(self.voter_config)
 
     def is_writer(self, now: float) -> bool:
         """True while this process holds a majority lease that has not run out on its clock."""
@@ -553,8 +885,9 @@ class Candidate:
         """The latest time by which `tick` must be called again."""
         if self.role is Role.HOLDER:
             times = [self._next_renew, self.lease_end()]
-            if self._proposal is not None:
-                times.append(self._proposal.sent_at + self.config.in_sync_resend)
+            for prop in (self._proposal, self._cfg_prop):
+                if prop is not None:
+                    times.append(prop.sent_at + self.config.in_sync_resend)
             return min(times)
         if self.role is Role.CANDIDATE:
             return self._campaign_deadline
@@ -564,16 +897,29 @@ class Candidate:
         events, self._events = self._events, []
         return events
 
+    def handle(self, msg: Any, now: float) -> list[Send]:
+        """Dispatch a voter's reply (lease, in-sync or configuration)."""
+        if isinstance(msg, LeaseReply):
+            return self.on_lease_reply(msg, now)
+        if isinstance(msg, InSyncReply):
+            return self.on_in_sync_reply(msg, now)
+        if isinstance(msg, ConfigReply):
+            return self.on_config_reply(msg, now)
+        raise TypeError(f"candidate cannot handle {type(msg).__name__}")
+
     # -- transitions
 
     def campaign(self, now: float, *, force: bool = False, floor: int = 0) -> list[Send]:
         """Ask every voter for the lease at epoch ``max(max_seen, floor) + 1``.
 
         Pass the local store's fence as `floor`: it is an epoch we know exists. `force` is the
-        operator's force-promote (skips the voters' in-sync check; data may be lost).
+        operator's force-promote (skips the voters' in-sync check; data may be lost). Without a
+        known configuration this only probes the voters for it.
         """
         if self.role is Role.HOLDER:
             return []
+        if self.voter_config is None:
+            return self.probe()
         out: list[Send] = []
         if self.role is Role.CANDIDATE:
             out += self._step_down(now, "campaign_failed")
@@ -586,47 +932,104 @@ class Candidate:
         self._campaign_deadline = now + self.config.campaign_deadline
         return out + self._round(now)
 
+    def probe(self) -> list[Send]:
+        """Ask the voters for the group's configuration (an epoch-0 request nobody grants)."""
+        req = LeaseRequest(self.group, self.name, 0, 0, False, PROBE_VERSION)
+        return [Send(v, req) for v in sorted(self.probe_voters | set(self.voters))]
+
     def _round(self, now: float) -> list[Send]:
         rid = self._next_id
         self._next_id += 1
         self._rounds[rid] = now
         for old in [r for r in self._rounds if r < rid - 8]:
             del self._rounds[old]
-        req = LeaseRequest(self.group, self.name, self.epoch, rid, self.force)
+        known = self.known_in_sync
+        req = LeaseRequest(
+            self.group,
+            self.name,
+            self.epoch,
+            rid,
+            self.force,
+            self.config_version,
+            None if known is None else known[1],
+            (0, 0) if known is None else known[0],
+        )
         return [Send(v, req) for v in self.voters]
+
+    def _hear_in_sync(self, version: tuple[int, int], members: tuple[str, ...] | None) -> None:
+        if members is None:
+            return
+        v = (int(version[0]), int(version[1]))
+        if self.known_in_sync is None or v > self.known_in_sync[0]:
+            self.known_in_sync = (v, tuple(sorted(members)))
 
     def grant_valid_until(self, sent_at: float, received_at: float, duration: float) -> float:
         """How long one grant lets us write: from the request's *send* time, minus the margin."""
         return sent_at + min(duration, self.config.duration) - self.config.margin
 
+    def _hear_config(self, version: tuple[int, int], sets: Any, now: float) -> list[Send]:
+        """A voter told us its recorded configuration: adopt it if newer (not as holder)."""
+        if not sets or tuple(version) <= self.config_version:
+            return []
+        try:
+            cfg = VoterConfig.from_wire(version, sets)
+        except (ValueError, IndexError, TypeError):
+            return []
+        if self.role is Role.HOLDER:
+            # Our own proposals (the pin at election) are newer than anything of a lower
+            # epoch, so this one comes from a newer holder.
+            return self._step_down(now, "higher_epoch") if cfg.version[0] >= self.epoch else []
+        self.voter_config = cfg
+        log.info(
+            "voter configuration adopted",
+            extra={
+                "group": self.group,
+                "version": list(cfg.version),
+                "voters": [sorted(x) for x in cfg.sets],
+            },
+        )
+        if self.role is Role.CANDIDATE:
+            return self._round(now)  # ask again, with the right version and the right voters
+        return []
+
     def on_lease_reply(self, reply: LeaseReply, now: float) -> list[Send]:
         if reply.group != self.group or reply.candidate != self.name:
             return []
         self.max_seen = max(self.max_seen, reply.promised_epoch)
+        self._hear_in_sync(reply.in_sync_version, reply.in_sync)
+        out = self._hear_config(reply.config_version, reply.config, now)
         if self.role is Role.FOLLOWER or reply.epoch != self.epoch:
-            return []
+            return out
         sent_at = self._rounds.get(reply.request_id)
         if sent_at is None:
-            return []
+            return out
         if not reply.granted:
             if reply.promised_epoch > self.epoch:
-                return self._step_down(now, "higher_epoch")
-            return []
+                return out + self._step_down(now, "higher_epoch")
+            if reply.promised_epoch == self.epoch and reply.holder not in (None, self.name):
+                self._taken.add(reply.voter)
+            return out
         until = self.grant_valid_until(sent_at, now, reply.duration)
         if until > self._valid.get(reply.voter, NEVER):
             self._valid[reply.voter] = until
         if self.role is Role.CANDIDATE and now < self.lease_end():
+            assert self.voter_config is not None
             self.role = Role.HOLDER
             self._next_renew = sent_at + self.config.renew_every
             self._in_sync_version = 0
             self._proposal = None
             self.in_sync_recorded = None
+            self._cfg_version = 0
+            self._taken = set()
             self._events.append(Elected(self.epoch))
             log.info("lease acquired", extra={"group": self.group, "epoch": self.epoch})
-        return []
+            # Pin the configuration we were elected with at our epoch (see the module doc).
+            out += self._propose_config(VoterConfig(self.voter_config.version, self.voter_config.sets), now)
+        return out
 
     def tick(self, now: float) -> list[Send]:
-        """Renew when due, give up an expired lease or a stalled campaign, resend in-sync updates."""
+        """Renew when due, give up an expired lease or a stalled campaign, resend updates,
+        and move the voter configuration towards `target`."""
         if self.role is Role.HOLDER:
             if now >= self.lease_end():
                 return self._step_down(now, "lease_expired")
@@ -638,6 +1041,7 @@ class Candidate:
             if prop is not None and now >= prop.sent_at + self.config.in_sync_resend:
                 prop.sent_at = now
                 out += [Send(v, self._in_sync_msg(prop)) for v in self.voters if v not in prop.acks]
+            out += self._drive_config(now)
             return out
         if self.role is Role.CANDIDATE and now >= self._campaign_deadline:
             return self._step_down(now, "campaign_failed")
@@ -658,11 +1062,13 @@ class Candidate:
 
     def _step_down(self, now: float, reason: str) -> list[Send]:
         was_holder = self.role is Role.HOLDER
+        voters = self.voters
         self.role = Role.FOLLOWER
         self._valid.clear()
         self._rounds.clear()
         self._next_renew = math.inf
         self._proposal = None
+        self._cfg_prop = None
         self.in_sync_recorded = None
         self.last_step_down = reason
         if was_holder:
@@ -670,7 +1076,7 @@ class Candidate:
             log.info("lease given up", extra={"group": self.group, "epoch": self.epoch, "reason": reason})
         # Tell voters we are gone so nobody waits for expiry; harmless if they moved on.
         rel = LeaseRelease(self.group, self.name, self.epoch)
-        return [Send(v, rel) for v in self.voters]
+        return [Send(v, rel) for v in voters]
 
     # -- in-sync set
 
@@ -680,6 +1086,14 @@ class Candidate:
     @property
     def in_sync_pending(self) -> frozenset[str] | None:
         return None if self._proposal is None else self._proposal.members
+
+    def _update_quorum(self, acks: Iterable[str]) -> bool:
+        """An in-sync update needs the sets of the configuration and of a pending change."""
+        have = set(acks)
+        for cfg in (self.voter_config, self.config_pending):
+            if cfg is not None and not cfg.quorum(have):
+                return False
+        return True
 
     def propose_in_sync(self, members: Iterable[str], now: float) -> list[Send]:
         """Ask the voters to record `members` as the in-sync set (supersedes any pending proposal)."""
@@ -699,18 +1113,135 @@ class Candidate:
         if not reply.ok:
             if reply.promised_epoch > self.epoch:
                 return self._step_down(now, "higher_epoch")
+            if reply.reason == "not_holder":
+                self._taken.add(reply.voter)
             return []
         prop = self._proposal
         if prop is None or reply.version != prop.version:
             return []
         prop.acks.add(reply.voter)
-        if len(prop.acks) >= self.quorum:
-            self._proposal = None
-            self.in_sync_recorded = InSyncRecorded(self.epoch, prop.version, prop.members)
-            self._events.append(self.in_sync_recorded)
+        self._check_in_sync()
         return []
 
+    def _check_in_sync(self) -> None:
+        prop = self._proposal
+        if prop is not None and self._update_quorum(prop.acks):
+            self._proposal = None
+            self.in_sync_recorded = InSyncRecorded(self.epoch, prop.version, prop.members)
+            self._hear_in_sync((self.epoch, prop.version), tuple(prop.members))
+            self._events.append(self.in_sync_recorded)
 
-def majority(n: int) -> int:
-    """Quorum size for `n` voters."""
-    return n // 2 + 1
+    # -- voter configuration
+
+    def set_target(self, voters: Iterable[str]) -> None:
+        """The voter set this group should end up with (from the node's configuration)."""
+        unique = frozenset(voters)
+        if not unique or len(unique) % 2 == 0:
+            raise ValueError(f"the voter set must have an odd size, got {len(unique)}")
+        self.target = unique
+        if self.voter_config is None:
+            self.probe_voters = self.probe_voters | unique
+
+    def _config_msg(self, prop: _ConfigProposal) -> ConfigUpdate:
+        rec = self.in_sync_recorded
+        return ConfigUpdate(
+            self.group,
+            self.name,
+            self.epoch,
+            prop.config.version,
+            prop.config.wire(),
+            None if rec is None else tuple(sorted(rec.members)),
+            (0, 0) if rec is None else (rec.epoch, rec.version),
+        )
+
+    def _propose_config(self, cfg: VoterConfig, now: float) -> list[Send]:
+        self._cfg_version += 1
+        prop = _ConfigProposal(VoterConfig((self.epoch, self._cfg_version), cfg.sets), sent_at=now)
+        self._cfg_prop = prop
+        log.info(
+            "voter configuration proposed",
+            extra={
+                "group": self.group,
+                "epoch": self.epoch,
+                "version": list(prop.config.version),
+                "voters": [sorted(x) for x in prop.config.sets],
+            },
+        )
+        msg = self._config_msg(prop)
+        return [Send(v, msg) for v in self.voters]
+
+    def next_config(self) -> VoterConfig | None:
+        """The next step towards `target` from our configuration (None: nothing to do)."""
+        cfg, target = self.voter_config, self.target
+        # Every step needs our in-sync set recorded first, under the quorums of the
+        # configuration we hold (so new voters learn it: I2).
+        if cfg is None or self.in_sync_recorded is None:
+            return None
+        if cfg.joint:
+            old, new = cfg.sets
+            return VoterConfig.normal(old if target == old else new)
+        if target is None or cfg.sets[0] == target:
+            return None
+        return VoterConfig(cfg.version, (cfg.sets[0], target))
+
+    def _drive_config(self, now: float) -> list[Send]:
+        prop = self._cfg_prop
+        out: list[Send] = []
+        if prop is not None and any(len(x - self._taken) < majority(len(x)) for x in prop.config.sets):
+            # Voters that promised our epoch to someone else (two simultaneous campaigns for
+            # one epoch) leave this change without a possible majority: only a new epoch helps.
+            return self._step_down(now, "epoch_taken")
+        if prop is not None and not prop.recorded:
+            if now >= prop.sent_at + self.config.in_sync_resend:
+                prop.sent_at = now
+                msg = self._config_msg(prop)
+                out += [Send(v, msg) for v in sorted(prop.config.voters) if v not in prop.acks]
+            return out
+        if prop is not None and prop.recorded:
+            # A joint configuration becomes ours once each of its sets granted our epoch too.
+            if now >= self._lease_end(prop.config):
+                return out
+            self._adopt_own(prop.config)
+        nxt = self.next_config()
+        if nxt is not None and self.is_writer(now):
+            out += self._propose_config(nxt, now)
+        return out
+
+    def _adopt_own(self, cfg: VoterConfig) -> None:
+        self.voter_config = cfg
+        self._cfg_prop = None
+        self._events.append(ConfigRecorded(self.epoch, cfg))
+        log.info(
+            "voter configuration recorded",
+            extra={
+                "group": self.group,
+                "epoch": self.epoch,
+                "version": list(cfg.version),
+                "joint": cfg.joint,
+            },
+        )
+        self._check_in_sync()
+
+    def on_config_reply(self, reply: ConfigReply, now: float) -> list[Send]:
+        if reply.group != self.group:
+            return []
+        self.max_seen = max(self.max_seen, reply.promised_epoch)
+        if self.role is not Role.HOLDER or reply.epoch != self.epoch:
+            return []
+        if not reply.ok:
+            if reply.promised_epoch > self.epoch:
+                return self._step_down(now, "higher_epoch")
+            if reply.reason == "not_holder":
+                self._taken.add(reply.voter)
+            return []
+        prop = self._cfg_prop
+        if prop is None or tuple(reply.version) != prop.config.version or prop.recorded:
+            return []
+        prop.acks.add(reply.voter)
+        if not prop.config.quorum(prop.acks):
+            return []
+        if prop.config.joint:
+            prop.recorded = True  # becomes ours in `tick` once every set granted our epoch
+            return self._drive_config(now)
+        self._adopt_own(prop.config)
+        return self._drive_config(now)

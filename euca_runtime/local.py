@@ -13,6 +13,11 @@ Layout under DIR (mode 0700)::
     <node>.supervisor.pid the pid of its local supervisor
 
 ``up`` (no ``--ha``): one process ``node-a`` hosting every component, the only voter.
+``up --ha`` on a DIR that holds a non-HA cloud turns it into an HA one *online* (I3): it adds
+``node-b`` (backup of clc and kv, started with ``join: true``) and ``node-c`` (arbitrator),
+rewrites ``node-a.yaml`` with the new peers and voters and reloads it (``POST /v1/reload``:
+node-a is never restarted), waits until every group's voters are {node-a, node-b, node-c}
+and node-b's instances are DISABLED and in sync, then rewrites cloud.json and eucarc.
 ``up --ha``: ``node-a`` and ``node-b`` each host the ``clc`` and ``kv`` groups (node-a is the
 preferred primary), ``node-c`` hosts an arbitrator; voters are node-a, node-b and node-c. Each
 process has its own loopback address (127.0.0.11, .12, .13), its own free ports and its own
@@ -405,12 +410,16 @@ def wait_ready(
 
 
 def up(root: Path | str, ha: bool = False, node: str | None = None, timeout: float = UP_TIMEOUT) -> Layout:
-    """Create (or reuse) a local cloud under `root`, start what is not running, wait, write eucarc."""
+    """Create (or reuse) a local cloud under `root`, start what is not running, wait, write eucarc.
+
+    `ha` on a non-HA cloud converts it online (see the module doc)."""
     root = Path(root).resolve()
     if (root / LAYOUT).exists():
         layout = Layout.load(root)
         if ha and layout.mode != "ha":
-            raise UpError(f"{root} holds a non-HA cloud; `down` it and use another --dir for --ha")
+            if node is not None:
+                raise UpError("--node cannot be combined with turning a non-HA cloud into an HA one")
+            return convert_to_ha(layout, timeout)
     else:
         layout = _create(root, ha)
     names = [node] if node else list(layout.nodes)
@@ -425,6 +434,138 @@ def up(root: Path | str, ha: bool = False, node: str | None = None, timeout: flo
     wait_ready(layout, names, timeout, enabled=node is None)
     write_eucarc(layout)
     return layout
+
+
+def _node_config(
+    root: Path, name: str, ip: str, ports: Mapping[str, int], peers: Mapping[str, str], voters: list[str]
+) -> dict[str, Any]:
+    pki = ensure_dev_pki(root / "pki", [name], {name: [ip]})[name]
+    return {
+        "node": name,
+        "listen": f"{ip}:{ports['bus']}",
+        "admin": f"{ip}:{ports['admin']}",
+        "data_dir": name,
+        "tls": {
+            "ca": str(pki.ca.relative_to(root)),
+            "cert": str(pki.cert.relative_to(root)),
+            "key": str(pki.key.relative_to(root)),
+        },
+        "peers": dict(peers),
+        "voters": voters,
+    }
+
+
+def convert_to_ha(layout: Layout, timeout: float = UP_TIMEOUT) -> Layout:
+    """Turn a running non-HA local cloud into an HA one without restarting node-a (I3)."""
+    if "node-a" not in layout.nodes or set(layout.nodes) - set(HA_NODES):
+        raise UpError(f"{layout.root}: not a cloud made by `euca-runtime up` (nodes {sorted(layout.nodes)})")
+    if not node_running(layout, "node-a"):
+        _spawn_supervisor(layout, "node-a")
+    wait_ready(layout, ["node-a"], timeout)
+    new = [n for n in HA_NODES if n not in layout.nodes]
+    layout = add_ha_nodes(layout)
+    for name in new:
+        if not node_running(layout, name):
+            _spawn_supervisor(layout, name)
+    wait_ready(layout, new, timeout, enabled=False)
+    try:
+        _http_json(
+            f"{layout.nodes['node-a'].admin}/v1/reload", layout.token(), method="POST", body={}, timeout=10.0
+        )
+    except (OSError, ValueError) as exc:
+        raise UpError(f"node-a did not reload its configuration: {exc}") from None
+    wait_ha(layout, timeout)
+    write_eucarc(layout)
+    return layout
+
+
+def add_ha_nodes(layout: Layout) -> Layout:
+    """Lay out node-b and node-c (``join: true``) next to node-a and rewrite node-a's config
+    (new peers, voters); cloud.json says ``ha`` afterwards. Starts nothing."""
+    root = layout.root
+    token = layout.token()
+    a_path = layout.nodes["node-a"].config
+    a_cfg = yaml.safe_load(a_path.read_text())
+    a_bus = a_cfg["listen"]
+    new = {n: spec for n, spec in HA_NODES.items() if n not in layout.nodes}
+    voters = list(HA_NODES)
+    ports = {
+        n: {"bus": _free_port(spec["ip"]), "admin": _free_port(spec["ip"]), "kv": _free_port(spec["ip"])}
+        for n, spec in new.items()
+    }
+    bus = {"node-a": a_bus} | {n: f"{spec['ip']}:{ports[n]['bus']}" for n, spec in new.items()}
+    doc = dict(layout.doc)
+    nodes_doc = dict(doc["nodes"])
+    for name, spec in new.items():
+        cfg = _node_config(
+            root, name, spec["ip"], ports[name], {o: a for o, a in bus.items() if o != name}, voters
+        )
+        cfg["join"] = True  # added to a running cloud: learn each group's voters from the voters
+        cfg["components"] = spec["components"]
+        cfg["log_level"] = "info"
+        has_kv = any(c["type"] == "kv" for c in spec["components"])
+        if has_kv:
+            cfg["api"] = {"kv": f"{spec['ip']}:{ports[name]['kv']}"}
+        cfg_path = root / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        load_config(cfg_path)
+        data_dir = root / name
+        data_dir.mkdir(mode=0o700, exist_ok=True)
+        write_private(data_dir / TOKEN, (token + "\n").encode())
+        nodes_doc[name] = {
+            "host": spec["ip"],
+            "config": cfg_path.name,
+            "admin": f"http://{spec['ip']}:{ports[name]['admin']}",
+            "api": {"kv": f"http://{spec['ip']}:{ports[name]['kv']}"} if has_kv else {},
+            "voter": True,
+            "components": spec["components"],
+        }
+    # node-a: the new peers and voters, written atomically, then reloaded (never restarted).
+    a_cfg["peers"] = {**(a_cfg.get("peers") or {}), **{n: bus[n] for n in new}}
+    a_cfg["voters"] = voters
+    tmp = a_path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(a_cfg, sort_keys=False))
+    load_config(tmp)
+    os.replace(tmp, a_path)
+    nodes_doc["node-a"] = {**nodes_doc["node-a"], "voter": True}
+    doc.update(mode="ha", nodes=nodes_doc)
+    (root / LAYOUT).write_text(json.dumps(doc, indent=2) + "\n")
+    return Layout(root, doc)
+
+
+def wait_ha(layout: Layout, timeout: float = UP_TIMEOUT) -> None:
+    """Wait until every group's voters are every node and node-b's instances are in sync."""
+    token = layout.token()
+    want = set(layout.nodes)
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            doc = _http_json(f"{layout.nodes['node-a'].admin}/v1/voters", token, timeout=2.0)
+            services = _http_json(f"{layout.nodes['node-a'].admin}/v1/services", token, timeout=2.0)[
+                "services"
+            ]
+        except (OSError, ValueError, KeyError) as exc:
+            last = str(exc)
+            time.sleep(0.05)
+            continue
+        groups = {g["group"]: g for g in doc["groups"]}
+        moved = all(
+            g["config"] is not None and not g["config"]["joint"] and set(g["config"]["sets"][0]) == want
+            for g in groups.values()
+        )
+        backups = [s for s in services if s["node"] == "node-b" and s["group"] in layout.groups()]
+        synced = len(backups) == len(layout.groups()) and all(
+            s["state"] == "DISABLED" and s["in_sync"] for s in backups
+        )
+        joined = not any(v["joining"] for v in doc["voters"])
+        if moved and synced and joined and groups.keys() >= layout.groups():
+            return
+        states = ", ".join(f"{b['name']} {b['state']}" for b in backups)
+        last = f"voters moved: {moved}, node-b in sync: {synced}, join mode over: {joined} ({states})"
+        time.sleep(0.05)
+    logs = "\n".join(f"--- {n}.log\n{_tail(layout.log_file(n))}" for n in layout.nodes)
+    raise UpError(f"the cloud did not become HA within {timeout:g} s ({last})\n{logs}")
 
 
 def _signal(pid: int | None, sig: int) -> None:
@@ -515,6 +656,8 @@ def send_death_certificates(layout: Layout, node: str, pid: int) -> int:
         return 0
     if held.get("pid") != pid:
         return 0
+    with contextlib.suppress(UpError):
+        layout = Layout.load(layout.root)  # the cloud may have grown since we started (up --ha)
     leases = held.get("leases") or []
     if not leases:
         return 0

@@ -62,6 +62,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from euca_runtime import lease as lease_mod
+from euca_runtime import reconfig
 from euca_runtime import replication as repl_mod
 from euca_runtime.clock import Clock, RealClock
 from euca_runtime.component import (
@@ -80,6 +81,8 @@ from euca_runtime.config import ComponentSpec as ConfigComponent
 from euca_runtime.config import RuntimeConfig
 from euca_runtime.lease import (
     Candidate,
+    ConfigRecorded,
+    ConfigReply,
     DeathCertificate,
     Elected,
     InSyncRecorded,
@@ -139,7 +142,17 @@ def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
 
 _OPEN_LOCK = threading.Lock()
 
-VOTER_MESSAGES = (lease_mod.LeaseRequest, lease_mod.LeaseRelease, DeathCertificate, lease_mod.InSyncUpdate)
+VOTER_MESSAGES = (
+    lease_mod.LeaseRequest,
+    lease_mod.LeaseRelease,
+    DeathCertificate,
+    lease_mod.InSyncUpdate,
+    lease_mod.ConfigUpdate,
+)
+
+
+def _describe_config(cfg: lease_mod.VoterConfig | None) -> dict[str, Any] | None:
+    return None if cfg is None else cfg.describe()
 
 
 def encode_msg(msg: Any) -> dict[str, Any]:
@@ -355,9 +368,16 @@ class Instance:
                 self._rstore = await self._run(lambda: SqlReplicaStore(self._store))  # type: ignore[arg-type]
                 self.fence = self._rstore.fence_epoch
                 self.last_seq, self.last_epoch = self._rstore.last_seq, self._rstore.last_epoch
+                # A joining node learns each group's voters from the voters (lease.py, reconfig.py).
                 self.candidate = Candidate(
-                    self.name, self.group, self.node.cfg.voters, self.node.lease_config, min_epoch=self.fence
+                    self.name,
+                    self.group,
+                    None if self.node.cfg.join else self.node.bootstrap_voters,
+                    self.node.lease_config,
+                    min_epoch=self.fence,
+                    probe_voters=self.node.cfg.voters,
                 )
+                self.candidate.set_target(self.node.cfg.voters)
                 self._backup = ReplicationBackup(self.name, self.group, self._rstore, self.node.repl_config)
             self.component = self.ctype.factory(self)
         except (StoreError, SQLAlchemyError, OSError, ValueError) as exc:
@@ -437,6 +457,9 @@ class Instance:
                 "NOTREADY",
                 f"receiving a state transfer (seq {seq}) from {self.following}: {chunks} chunks",
             )
+        if cand.voter_config is None and not self.following:
+            why = "; ".join(f"{v}: {r}" for v, r in sorted(self.refusals.items())) or "no answer yet"
+            return "NOTREADY", f"joining: voter configuration not known yet (voters: {why})"
         if self.following:
             return "NOTREADY", f"catching up with {self.following}"
         return "NOTREADY", self.step_down_cause or "waiting for a primary"
@@ -501,6 +524,8 @@ class Instance:
             "following": self.following,
             "lease_remaining": lease_remaining,
             "stopped_reason": self.stop_reason if self.stopped else None,
+            "voter_config": _describe_config(cand.voter_config if cand is not None else None),
+            "voter_config_pending": _describe_config(cand.config_pending if cand is not None else None),
         }
 
     # ------------------------------------------------------------------ replication-thread jobs
@@ -764,6 +789,10 @@ class Instance:
                 self.node.held_changed()
             elif isinstance(ev, InSyncRecorded):
                 self._submit(functools.partial(self._job_in_sync_recorded, ev.epoch, ev.members))
+            elif isinstance(ev, ConfigRecorded):
+                sets = " + ".join("{" + ",".join(sorted(x)) + "}" for x in ev.config.sets)
+                self.node.note(self.name, f"voter configuration {sets} recorded", ev.epoch)
+                self.node.gossip_soon()
 
     async def on_message(self, msg: Any) -> list[Send]:
         """A protocol message for this instance; returns the sends (the caller routes them)."""
@@ -777,7 +806,7 @@ class Instance:
             out = cand.on_lease_reply(msg, now)
             if cand.role is Role.CANDIDATE and msg.epoch == cand.epoch and not msg.granted:
                 self._campaign_refused.add(msg.voter)
-                if len(self._campaign_refused) >= cand.quorum:
+                if cand.cannot_win(self._campaign_refused):
                     # A majority said no: this campaign cannot win. Give it up now (releasing
                     # any minority grant) and retry soon if the primary looks dead.
                     out += cand.release(now)
@@ -787,9 +816,10 @@ class Instance:
             self._after_lease()
             self.update_state()
             return out
-        if isinstance(msg, InSyncReply):
-            out = cand.on_in_sync_reply(msg, now)
+        if isinstance(msg, InSyncReply | ConfigReply):
+            out = cand.handle(msg, now)
             self._after_lease()
+            self.update_state()
             return out
         if isinstance(msg, Fenced):
             if msg.epoch > cand.epoch and cand.role is Role.HOLDER:
@@ -1120,6 +1150,9 @@ class Node:
     ) -> None:
         self.cfg = cfg
         self.name = cfg.node
+        self.config_path: Path | None = None
+        """The configuration file (`reconfig.reload` re-reads it on SIGHUP or POST /v1/reload)."""
+        self.bootstrap_voters: tuple[str, ...] = cfg.voters
         self.clock: Clock = clock or RealClock()
         self.boot = uuid.uuid4().hex
         self.started_at = time.time()
@@ -1173,10 +1206,15 @@ class Node:
         self.core = await asyncio.to_thread(open_core)
         states = await asyncio.to_thread(self.core.service_states)
         self.targets = {k: {"state": v.state, "reason": v.reason} for k, v in states.items()}
+        self.bootstrap_voters = await asyncio.to_thread(reconfig.load_bootstrap, cfg)
         if self.name in cfg.voters:
             storage = SqlVoterStorage(self.core)
             self.voter = await asyncio.to_thread(
-                Voter, self.name, storage, self.lease_config, self.clock.monotonic()
+                functools.partial(Voter, joining=cfg.join),
+                self.name,
+                storage,
+                self.lease_config,
+                self.clock.monotonic(),
             )
         for spec in cfg.components:
             ctype = get_type(spec.type)
@@ -1205,6 +1243,7 @@ class Node:
         self._loops.append(asyncio.create_task(self._gossip_loop(), name="gossip"))
         self._loops.append(asyncio.create_task(self._register_loop(), name="register"))
         self._loops.append(asyncio.create_task(self._held_loop(), name="held"))
+        self._loops.append(asyncio.create_task(reconfig.cloud_config_loop(self), name="cloud-config"))
         log.info(
             "node started",
             extra={
@@ -1568,6 +1607,7 @@ class Node:
             "admin": self.admin_url,
             "api": dict(self.api_urls),
             "voter": self.voter is not None,
+            "voter_joining": self.voter is not None and self.voter.joining,
             "started": self.started_at,
             "instances": [i.status() for i in self.instances.values()],
         }
@@ -1762,6 +1802,7 @@ class Node:
                 "seq": i.get("seq"),
                 "heartbeat_age_ms": None if hb is None else round(hb * 1000.0, 1),
                 "since": i.get("since"),
+                "voter_config": i.get("voter_config"),
                 "_lags": i.get("lags") or {},
                 "_in_sync_set": i.get("in_sync_set"),
                 "_replicated": bool(i.get("replicated", True)),

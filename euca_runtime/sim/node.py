@@ -20,6 +20,9 @@ from typing import Any
 from euca_runtime.clock import ManualClock
 from euca_runtime.lease import (
     Candidate,
+    ConfigRecorded,
+    ConfigReply,
+    ConfigUpdate,
     DeathCertificate,
     Elected,
     InSyncRecorded,
@@ -51,7 +54,7 @@ from euca_runtime.replication import (
     kv_put,
 )
 
-VOTER_MESSAGES = (LeaseRequest, LeaseRelease, DeathCertificate, InSyncUpdate)
+VOTER_MESSAGES = (LeaseRequest, LeaseRelease, DeathCertificate, InSyncUpdate, ConfigUpdate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,8 @@ class SimNode:
         group: str,
         voters: tuple[str, ...],
         members: tuple[str, ...],
+        joining: bool = False,
+        all_voters: tuple[str, ...] = (),
         lease: LeaseConfig,
         replication: ReplicationConfig,
         timing: NodeTiming,
@@ -125,8 +130,14 @@ class SimNode:
         self.host = host
         self.group = group
         self.voters = voters
+        """The bootstrap voter set (what a brand-new group starts with)."""
         self.members = members
-        self.is_voter = name in voters
+        self.joining = joining
+        """Added to the running cloud: a joining voter, and a candidate without a known config."""
+        self.all_voters = tuple(sorted(set(voters) | set(all_voters)))
+        self.target: tuple[str, ...] | None = None
+        """The voter set the operator asked for (None: the bootstrap set)."""
+        self.is_voter = name in self.all_voters
         self.is_data = name in members
         self.lease_config = lease
         self.repl_config = replication
@@ -162,16 +173,31 @@ class SimNode:
         if self.is_voter:
             if self.factories.forget_promises_on_restart and self.incarnation > 1:
                 self.voter_storage = self.factories.voter_storage()
-            self.voter = self.factories.voter(self.name, self.voter_storage, self.lease_config, now)
+            self.voter = self.factories.voter(
+                self.name, self.voter_storage, self.lease_config, now, joining=self.joining
+            )
         if self.is_data:
             self.candidate = self.factories.candidate(
-                self.name, self.group, self.voters, self.lease_config, min_epoch=self.store.fence_epoch
+                self.name,
+                self.group,
+                None if self.joining else self.voters,
+                self.lease_config,
+                min_epoch=self.store.fence_epoch,
+                probe_voters=self.all_voters,
             )
+            if self.target is not None:
+                self.candidate.set_target(self.target)
             self.primary = None
             self.backup = self.factories.backup(self.name, self.group, self.store, self.repl_config)
             self.pending = {}
             self.announced_ready = False
             self.next_campaign_at = now + self.rng.uniform(0.0, self.timing.suspect_after)
+
+    def set_target(self, voters: tuple[str, ...]) -> None:
+        """The operator changed the voter set (a configuration reload)."""
+        self.target = voters
+        if self.candidate is not None:
+            self.candidate.set_target(voters)
 
     def crash(self) -> None:
         self.up = False
@@ -211,6 +237,11 @@ class SimNode:
                 elif isinstance(ev, SteppedDown):
                     self.host.note(self, f"stepped down from epoch {ev.epoch}: {ev.reason}")
                     self._become_backup(now)
+                elif isinstance(ev, ConfigRecorded):
+                    cfg = ev.config
+                    self.host.note(
+                        self, f"voter config v{cfg.version} recorded: {[sorted(x) for x in cfg.sets]}"
+                    )
                 elif isinstance(ev, InSyncRecorded) and self.primary is not None:
                     self.host.note(self, f"in-sync set recorded: {sorted(ev.members)} (v{ev.version})")
                     if ev.epoch == self.primary.epoch:
@@ -272,7 +303,10 @@ class SimNode:
             quiet = b is None or now - b.last_heard > self.timing.suspect_after
             if quiet and now >= self.next_campaign_at:
                 self._emit(cand.campaign(now, floor=self.store.fence_epoch))
-                self.host.note(self, f"campaigns for epoch {cand.epoch}")
+                if cand.voter_config is None:
+                    self.host.note(self, "probes the voters for the group's configuration")
+                else:
+                    self.host.note(self, f"campaigns for epoch {cand.epoch}")
                 self.next_campaign_at = (
                     now
                     + self.lease_config.campaign_deadline
@@ -290,10 +324,8 @@ class SimNode:
         cand = self.candidate
         if cand is None:
             return
-        if isinstance(msg, LeaseReply):
-            self._emit(cand.on_lease_reply(msg, now))
-        elif isinstance(msg, InSyncReply):
-            self._emit(cand.on_in_sync_reply(msg, now))
+        if isinstance(msg, LeaseReply | InSyncReply | ConfigReply):
+            self._emit(cand.handle(msg, now))
         elif isinstance(msg, Replicate | SnapshotChunk):
             self._on_replication(src, msg, now)
         elif isinstance(msg, ReplicateAck):

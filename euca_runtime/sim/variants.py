@@ -3,7 +3,7 @@ checker that never fails proves nothing."""
 
 from __future__ import annotations
 
-from euca_runtime.lease import Candidate, Role, Voter, VoterRecord
+from euca_runtime.lease import Candidate, Role, Voter, VoterConfig, VoterRecord
 from euca_runtime.replication import ReplicationPrimary
 from euca_runtime.sim.node import Factories
 
@@ -21,6 +21,17 @@ class NoTimeCheckCandidate(Candidate):
 
     def is_writer(self, now: float) -> bool:
         return self.role is Role.HOLDER
+
+
+class NoJointCandidate(Candidate):
+    """Moves the voter set in one step, skipping joint consensus (I1 bug): a majority of the old
+    set that has not heard of the change and a majority of the new one can both elect."""
+
+    def next_config(self) -> VoterConfig | None:
+        cfg, target = self.voter_config, self.target
+        if cfg is None or self.in_sync_recorded is None or target is None or cfg.sets[-1] == target:
+            return None
+        return VoterConfig.normal(target)
 
 
 class InSyncBlindVoter(Voter):
@@ -53,5 +64,6 @@ VARIANTS: dict[str, tuple[frozenset[str], Factories]] = {
     "voter_forgets": (frozenset({"I1", "I2"}), Factories(forget_promises_on_restart=True)),
     "voter_ignores_in_sync": (frozenset({"I2"}), _factories(voter=InSyncBlindVoter)),
     "eager_ack": (frozenset({"I2"}), _factories(primary=EagerPrimary)),
+    "skip_joint": (frozenset({"I1", "I2"}), _factories(candidate=NoJointCandidate)),
 }
 """name -> (invariants it is expected to break, how nodes are built)."""

@@ -39,6 +39,21 @@ TOPOLOGIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "3v-3d": (("node-a", "node-b", "node-c"), ("node-a", "node-b", "node-c")),
     "5v-2d": (("node-a", "node-b", "arb-1", "arb-2", "arb-3"), ("node-a", "node-b")),
     "5v-3d": (("node-a", "node-b", "node-c", "arb-1", "arb-2"), ("node-a", "node-b", "node-c")),
+    # Voter-set changes (I3), during the faults: the bootstrap voters, then the operator's target.
+    # Nodes only in the target join the running cloud (joining voter, no known configuration).
+    "1v>3v-2d": (("node-a",), ("node-a", "node-b")),
+    "3v>5v-2d": (("node-a", "node-b", "arb-1"), ("node-a", "node-b")),
+    "3v>1v-3d": (("node-a", "node-b", "node-c"), ("node-a", "node-b", "node-c")),
+    "5v>3v-2d": (("node-a", "node-b", "arb-1", "arb-2", "arb-3"), ("node-a", "node-b")),
+    "3v>3v'-2d": (("node-a", "node-b", "arb-1"), ("node-a", "node-b")),
+}
+RECONFIGS: dict[str, tuple[str, ...]] = {
+    # name: the voter set the operator moves the group to.
+    "1v>3v-2d": ("node-a", "node-b", "arb-1"),
+    "3v>5v-2d": ("node-a", "node-b", "arb-1", "arb-2", "arb-3"),
+    "3v>1v-3d": ("node-c",),
+    "5v>3v-2d": ("node-a", "node-b", "arb-3"),
+    "3v>3v'-2d": ("node-a", "node-b", "arb-2"),
 }
 
 
@@ -111,6 +126,9 @@ class World(Host):
         self.trace = trace
         self.topology = cfg.topology or self.rng.choice(sorted(TOPOLOGIES))
         voters, members = TOPOLOGIES[self.topology]
+        self.bootstrap = voters
+        self.target: tuple[str, ...] = RECONFIGS.get(self.topology, voters)
+        """The voter set the group must end up with."""
         self.breaks, self.factories = VARIANTS[cfg.variant]
         self.fault_rate = cfg.fault_rate or self.rng.choice([0.5, 0.8, 0.8, 1.5, 2.5])
         self.write_rate = cfg.write_rate or self.rng.choice([3.0, 6.0, 6.0, 15.0])
@@ -129,7 +147,7 @@ class World(Host):
         self._digest = 0
         self._next_write = 0
         self.stats: Counter[str] = Counter()
-        names = sorted(set(voters) | set(members))
+        names = sorted(set(voters) | set(members) | set(self.target))
         for name in names:
             self.nodes[name] = self._make_node(name, voters, members, self.factories)
             self._backlog[name] = []
@@ -153,6 +171,8 @@ class World(Host):
             group=GROUP,
             voters=voters,
             members=members,
+            joining=name not in voters,
+            all_voters=self.target,
             lease=cfg.lease,
             replication=cfg.replication,
             timing=cfg.timing,
@@ -267,7 +287,7 @@ class World(Host):
             certify = self.config.death_certificates and epoch is not None and rng.random() < 0.6
             self._crash(node)
             if certify and epoch is not None:
-                for v in node.voters:
+                for v in node.all_voters:
                     self.send(
                         node.name, v, DeathCertificate(GROUP, node.name, epoch, f"supervisor@{node.name}")
                     )
@@ -283,6 +303,15 @@ class World(Host):
         self.stats[f"fault:{kind}"] += 1
         self.faults.append(f"{self.time:.3f} {desc}")
         self._log(f"FAULT {desc}")
+
+    def _reconfigure(self, voters: tuple[str, ...]) -> None:
+        """The operator rewrites every node's voter list and reloads it (no restart)."""
+        self.target = voters
+        for node in self.nodes.values():
+            node.set_target(voters)
+        self.stats["reconfigure"] += 1
+        self.faults.append(f"{self.time:.3f} reconfigure voters -> {list(voters)}")
+        self._log(f"RECONFIGURE voters -> {list(voters)}")
 
     def _end_loss(self) -> None:
         self.network.extra_loss = 0.0
@@ -376,6 +405,11 @@ class World(Host):
             return None
         if any(p.lag(m) != 0 for m in sorted(members - {serving[0].name})):
             return None
+        cand = serving[0].candidate
+        assert cand is not None
+        cfg = cand.voter_config
+        if cfg is None or cfg.joint or cfg.sets[0] != frozenset(self.target) or cand.config_pending:
+            return None  # the voter-set change has not completed
         return serving[0]
 
     def run(self) -> ScheduleResult:
@@ -389,6 +423,13 @@ class World(Host):
             if t >= cfg.fault_time:
                 break
             self._push(t, _ACTION, self._fault)
+        if self.topology in RECONFIGS:
+            final, first = self.target, self.bootstrap
+            self.target = first
+            at = self.rng.uniform(0.3, cfg.fault_time * 0.6)
+            self._push(at, _ACTION, partial(self._reconfigure, final))
+            if self.rng.random() < 0.25:  # the operator changes their mind, maybe mid-change
+                self._push(self.rng.uniform(at, cfg.fault_time), _ACTION, partial(self._reconfigure, first))
         t = 0.0
         write_until = cfg.fault_time + cfg.settle_time / 3
         while True:

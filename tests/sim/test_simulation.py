@@ -109,6 +109,8 @@ def test_random_schedules_keep_the_invariants() -> None:
         "state_transfer_installed",
         "divergent_suffix_discarded",
         "InSyncUpdate",
+        "reconfigure",
+        "ConfigUpdate",
     ):
         assert stats[key] > 0, f"the simulation never exercised {key}"
 

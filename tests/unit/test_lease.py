@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from euca_runtime import lease
 from euca_runtime.lease import (
     Candidate,
+    ConfigReply,
+    ConfigUpdate,
     DeathCertificate,
     Elected,
     InSyncRecorded,
@@ -234,10 +236,16 @@ def refuse(r: LeaseRequest, voter_name: str, promised: int, reason: str = "lower
 
 
 def elect(c: Candidate, sent: float = 10.0, received: float = 10.05) -> LeaseRequest:
+    """Elect `c` with grants from the first two voters, which also record its pinned config."""
     sends = c.campaign(sent)
     r = sends[0].msg
+    pins: list[Send] = []
     for s in sends[:2]:
-        c.on_lease_reply(grant(r, s.to), received)
+        pins += c.on_lease_reply(grant(r, s.to), received)
+    for s in pins:
+        if isinstance(s.msg, ConfigUpdate) and s.to in {x.to for x in sends[:2]}:
+            m = s.msg
+            c.on_config_reply(ConfigReply(G, s.to, m.epoch, m.version, True, m.epoch), received)
     return r
 
 
@@ -547,7 +555,7 @@ def test_two_candidates_three_voters_never_overlap(
                     if reply is not None:
                         inflight.append((dst, src, reply))
                 else:
-                    emit(dst, cands[dst].on_lease_reply(msg, clocks[dst]))
+                    emit(dst, cands[dst].handle(msg, clocks[dst]))
         for c in cands.values():
             elections += sum(isinstance(e, Elected) for e in c.drain_events())
         writers = [n for n, c in cands.items() if c.is_writer(clocks[n])]
