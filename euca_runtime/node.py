@@ -323,6 +323,32 @@ class Instance:
     ) -> Any:
         return await self.node.call(type_, partition, method, body, timeout=timeout)
 
+    @property
+    def data_dir(self) -> Path:
+        """The process's data directory (components keep local files under it)."""
+        return self.node.cfg.data_dir
+
+    def peer_instances(self) -> list[str]:
+        """The other members of this instance's group (replication peers)."""
+        return sorted(self.node.members(self.group) - {self.name})
+
+    async def call_peer(self, instance: str, method: str, body: dict[str, Any], *, timeout: float) -> Any:
+        """Call `method` of the component's `peer_handlers` on another instance of the group,
+        whatever its state (e.g. the primary streaming object bytes to its backups)."""
+        node = self.node.node_of(instance)
+        if node is None:
+            raise ServiceUnavailable(f"no route to {instance}", "Unavailable")
+        body = {**body, "instance": instance}
+        if node == self.node.name:
+            return await self.node.serve_peer(method, body, self.node.name, self._mono() + timeout)
+        assert self.node.endpoint is not None
+        try:
+            return await self.node.endpoint.request(node, "_peer", method, body, timeout=timeout)
+        except RemoteError as exc:
+            raise RequestError(exc.type, exc.message) from None
+        except (PeerUnavailable, DeadlineExceeded) as exc:
+            raise ServiceUnavailable(f"{instance}: {exc}", "Unavailable") from None
+
     # ------------------------------------------------------------------ lifecycle
 
     def _mono(self) -> float:
@@ -600,6 +626,11 @@ class Instance:
             if self._backup is None:
                 self._backup = ReplicationBackup(self.name, self.group, self._rstore, self.node.repl_config)
             sends = self._backup.handle(msg, now)
+            comp = self.component
+            if comp is not None and comp.sync_blocked():
+                # The component lacks data the log refers to (e.g. object bytes it must still
+                # fetch): it must not count towards commits or be recorded in sync yet.
+                sends = [s for s in sends if not isinstance(s.msg, ReplicateAck)]
             self._mirror()
             return _JobResult(sends=sends, observe=observe if observe is not None else msg.epoch)
         if isinstance(msg, ReplicateAck):
@@ -1171,6 +1202,12 @@ class Node:
 
             apps.append((make_api_app(self), kv_addr.host, kv_addr.port, "kv"))
             self.api_urls["kv"] = f"http://{kv_addr}"
+        s3_addr = self.cfg.api.s3
+        if s3_addr is not None and "walrus" in {i.type for i in self.instances.values()}:
+            from euca_runtime.walrus.http import make_s3_app
+
+            apps.append((make_s3_app(self), s3_addr.host, s3_addr.port, "s3"))
+            self.api_urls["s3"] = f"http://{s3_addr}"
         for app, host, port, _ in apps:
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
@@ -1378,6 +1415,8 @@ class Node:
             return await self._on_proto(peer, body)
         if target == "_node":
             return await self._on_node(method, body, peer)
+        if target == "_peer":
+            return await self.serve_peer(method, body, peer, req["expires_at"])
         inst = self.by_group.get(group_key(target, req.get("partition")))
         if inst is None:
             raise RemoteError("NotPrimary", f"{self.name} hosts no {group_key(target, req.get('partition'))}")
@@ -1387,6 +1426,22 @@ class Node:
             raise RemoteError(exc.kind, str(exc)) from None
         except RequestError as exc:
             raise RemoteError(exc.kind, exc.message) from None
+
+    async def serve_peer(self, method: str, body: Any, peer: str, expires_at: float) -> Any:
+        """A request for one named instance's `peer_handlers` (any state, no routing)."""
+        name = body.get("instance") if isinstance(body, Mapping) else None
+        inst = self.instances.get(str(name))
+        if inst is None or inst.component is None or inst.broken:
+            raise RemoteError("NoSuchInstance", f"{self.name} hosts no usable instance {name!r}")
+        handler = inst.component.peer_handlers().get(method)
+        if handler is None:
+            raise RemoteError("UnknownMethod", f"{inst.type} has no peer method {method!r}")
+        try:
+            return await handler(body, RequestInfo(method, peer, expires_at))
+        except RequestError as exc:
+            raise RemoteError(exc.kind, exc.message) from None
+        except ServiceUnavailable as exc:
+            raise RemoteError(exc.kind, str(exc)) from None
 
     async def _on_node(self, method: str, body: Any, peer: str) -> Any:
         body = body if isinstance(body, Mapping) else {}
