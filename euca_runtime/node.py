@@ -1171,6 +1171,12 @@ class Node:
 
             apps.append((make_api_app(self), kv_addr.host, kv_addr.port, "kv"))
             self.api_urls["kv"] = f"http://{kv_addr}"
+        iam_addr = self.cfg.api.iam
+        if iam_addr is not None and "clc" in {i.type for i in self.instances.values()}:
+            from euca_runtime.services.iam import make_api_app as make_iam_app
+
+            apps.append((make_iam_app(self), iam_addr.host, iam_addr.port, "iam"))
+            self.api_urls["iam"] = f"http://{iam_addr}"
         for app, host, port, _ in apps:
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
