@@ -18,6 +18,8 @@ Routes (JSON in, JSON out; errors are ``{"error": TYPE, "message": ...}`` with 4
 ``POST /v1/death-certificate``              ``{"group", "holder", "epoch", "issuer"}`` (supervisors)
 ``POST /v1/fault``                          ``{"name", "fault": "hang"|"error"|null}`` (tests only)
 ``GET  /v1/status``                         this node's status document
+``GET  /v1/iam/admin-credentials``          ``{"account", "user", "access_key", "secret_key"}`` of the
+                                            ``eucalyptus/admin`` user (what ``up`` puts in eucarc)
 ``GET  /metrics``                           Prometheus text format
 ==========================================  ========================================================
 """
@@ -143,6 +145,11 @@ def make_admin_app(node: Node) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         return web.json_response(node.status_doc())
 
+    async def admin_credentials(request: web.Request) -> web.Response:
+        timeout = float(request.query.get("timeout", "10"))
+        doc = await node.call("clc", None, "iam.admin_credentials", {}, timeout=min(max(timeout, 0.1), 60.0))
+        return web.json_response(doc)
+
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(text=render_metrics(node), content_type="text/plain", charset="utf-8")
 
@@ -157,6 +164,7 @@ def make_admin_app(node: Node) -> web.Application:
     app.router.add_post("/v1/death-certificate", death_certificate)
     app.router.add_post("/v1/fault", fault)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/iam/admin-credentials", admin_credentials)
     app.router.add_get("/metrics", metrics)
     return app
 

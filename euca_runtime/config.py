@@ -8,6 +8,8 @@ Example (every key shown; the optional ones with their defaults)::
     data_dir: /var/lib/euca-runtime   # relative paths are relative to the config file
     database_url: null                # default: sqlite:///<data_dir>/euca.db
     tls: {ca: pki/ca.crt, cert: pki/node-a.crt, key: pki/node-a.key}
+    credential_key: pki/credentials.key  # the cloud's secret (32 random bytes, 0600) that
+                                      # encrypts access-key secrets at rest; needed by clc hosts
     peers:                            # the other processes, by node name
       node-b: 10.0.0.12:7100
       node-c: 10.0.0.13:7100
@@ -173,6 +175,8 @@ class RuntimeConfig:
     api: ApiListeners = field(default_factory=ApiListeners)
     bus: BusSettings = field(default_factory=BusSettings)
     log_level: str = "info"
+    credential_key: Path | None = None
+    """The cloud-wide secret file that encrypts IAM secret keys at rest (every clc host has it)."""
 
     def transport_options(self) -> TransportOptions:
         """The :class:`~euca_runtime.transport.TransportOptions` this config asks for."""
@@ -443,7 +447,17 @@ def _bus(value: Any) -> BusSettings:
 # --- entry points ---------------------------------------------------------------------------
 
 _REQUIRED = ("node", "listen", "admin", "data_dir", "tls", "voters")
-_OPTIONAL = ("database_url", "peers", "components", "timing", "routes", "api", "bus", "log_level")
+_OPTIONAL = (
+    "database_url",
+    "peers",
+    "components",
+    "timing",
+    "routes",
+    "api",
+    "bus",
+    "log_level",
+    "credential_key",
+)
 
 
 def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
@@ -472,6 +486,8 @@ def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
     api = _api(_opt(d, "api", {}))
     bus = _bus(_opt(d, "bus", {}))
     log_level = _choice(_opt(d, "log_level", "info"), "log_level", LOG_LEVELS)
+    raw_key = d.get("credential_key")
+    credential_key = None if raw_key is None else _path(raw_key, "credential_key", base_dir)
 
     listeners = [("listen", listen), ("admin", admin)]
     listeners += [(f"api.{k}", getattr(api, k)) for k in API_NAMES if getattr(api, k) is not None]
@@ -496,6 +512,7 @@ def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
         api=api,
         bus=bus,
         log_level=log_level,
+        credential_key=credential_key,
     )
 
 
@@ -578,7 +595,7 @@ def config_to_dict(cfg: RuntimeConfig) -> dict[str, Any]:
         "api": {k: str(getattr(cfg.api, k)) for k in API_NAMES if getattr(cfg.api, k) is not None},
         "bus": {k: getattr(cfg.bus, k) for k in BusSettings.__dataclass_fields__},
         "log_level": cfg.log_level,
-    }
+    } | ({"credential_key": str(cfg.credential_key)} if cfg.credential_key is not None else {})
 
 
 def dump_config(cfg: RuntimeConfig) -> str:

@@ -1202,6 +1202,12 @@ class Node:
 
             apps.append((make_api_app(self), kv_addr.host, kv_addr.port, "kv"))
             self.api_urls["kv"] = f"http://{kv_addr}"
+        iam_addr = self.cfg.api.iam
+        if iam_addr is not None and "clc" in {i.type for i in self.instances.values()}:
+            from euca_runtime.services.iam import make_api_app as make_iam_app
+
+            apps.append((make_iam_app(self), iam_addr.host, iam_addr.port, "iam"))
+            self.api_urls["iam"] = f"http://{iam_addr}"
         s3_addr = self.cfg.api.s3
         if s3_addr is not None and "walrus" in {i.type for i in self.instances.values()}:
             from euca_runtime.walrus.http import make_s3_app
