@@ -15,7 +15,7 @@ Layout under DIR (mode 0700)::
     <node>.supervisor.pid the pid of its local supervisor
 
 ``up`` (no ``--ha``): one process ``node-a`` hosting every component, the only voter.
-``up --ha``: ``node-a`` and ``node-b`` each host the ``clc`` and ``kv`` groups (node-a is the
+``up --ha``: ``node-a`` and ``node-b`` each host the ``clc``, ``kv`` and ``walrus`` groups (node-a is the
 preferred primary), ``node-c`` hosts an arbitrator; voters are node-a, node-b and node-c. Each
 process has its own loopback address (127.0.0.11, .12, .13), its own free ports and its own
 databases. Every clc host serves the IAM API (``api.iam``). ``up`` returns once every
@@ -72,16 +72,24 @@ DOWN_GRACE = 8.0
 HA_NODES: dict[str, dict[str, Any]] = {
     "node-a": {
         "ip": "127.0.0.11",
-        "components": [{"type": "clc", "role": "primary"}, {"type": "kv", "role": "primary"}],
+        "components": [
+            {"type": "clc", "role": "primary"},
+            {"type": "kv", "role": "primary"},
+            {"type": "walrus", "role": "primary"},
+        ],
     },
     "node-b": {
         "ip": "127.0.0.12",
-        "components": [{"type": "clc", "role": "backup"}, {"type": "kv", "role": "backup"}],
+        "components": [
+            {"type": "clc", "role": "backup"},
+            {"type": "kv", "role": "backup"},
+            {"type": "walrus", "role": "backup"},
+        ],
     },
     "node-c": {"ip": "127.0.0.13", "components": [{"type": "arbitrator"}]},
 }
 SINGLE_NODES: dict[str, dict[str, Any]] = {
-    "node-a": {"ip": "127.0.0.11", "components": [{"type": "clc"}, {"type": "kv"}]},
+    "node-a": {"ip": "127.0.0.11", "components": [{"type": "clc"}, {"type": "kv"}, {"type": "walrus"}]},
 }
 
 
@@ -151,7 +159,12 @@ class Layout:
 
     def groups(self) -> set[str]:
         """The replicated groups this layout hosts (what `up` waits for)."""
-        return {c["type"] for n in self.nodes.values() for c in n.components if c["type"] in ("clc", "kv")}
+        return {
+            c["type"]
+            for n in self.nodes.values()
+            for c in n.components
+            if c["type"] in ("clc", "kv", "walrus")
+        }
 
     def pid_file(self, node: str) -> Path:
         return self.root / f"{node}.pid"
@@ -234,6 +247,7 @@ def _create(root: Path, ha: bool) -> Layout:
             "admin": _free_port(spec["ip"]),
             "kv": _free_port(spec["ip"]),
             "iam": _free_port(spec["ip"]),
+            "s3": _free_port(spec["ip"]),
         }
         for n, spec in nodes.items()
     }
@@ -268,6 +282,8 @@ def _create(root: Path, ha: bool) -> Layout:
             api["kv"] = f"{ip}:{p['kv']}"
         if has_clc:
             api["iam"] = f"{ip}:{p['iam']}"
+        if any(c["type"] == "walrus" for c in spec["components"]):
+            api["s3"] = f"{ip}:{p['s3']}"
             cfg["credential_key"] = CREDENTIAL_KEY
         if api:
             cfg["api"] = api
@@ -316,6 +332,7 @@ def write_eucarc(layout: Layout, credentials: Mapping[str, Any] | None = None) -
     """DIR/eucarc (0600): ``source`` it to point clients and eucactl at this cloud."""
     kv = layout.api_urls("kv")
     iam = layout.api_urls("iam")
+    s3 = layout.api_urls("s3")
     admin = layout.admin_urls()
     creds = credentials or {}
     lines = [
@@ -330,6 +347,10 @@ def write_eucarc(layout: Layout, credentials: Mapping[str, Any] | None = None) -
         "# IAM (euare): any URL serves (it forwards to the ENABLED clc)",
         f"export EUARE_URL={iam[0] if iam else ''}",
         f'export EUARE_URLS="{" ".join(iam)}"',
+        "# S3 (walrus): any URL serves (it forwards to the ENABLED walrus)",
+        f"export S3_URL={s3[0] if s3 else ''}",
+        f'export S3_URLS="{" ".join(s3)}"',
+        "export AWS_ENDPOINT_URL_S3=$S3_URL",
         "export AWS_ENDPOINT_URL_IAM=$EUARE_URL",
         f"# credentials of user {creds.get('user', 'admin')} of account {creds.get('account', 'eucalyptus')}",
         f"export AWS_ACCESS_KEY_ID={creds.get('access_key', '')}",

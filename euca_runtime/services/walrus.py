@@ -233,7 +233,11 @@ class Walrus(Component):
                 while offset < size:
                     n = min(CHUNK, size - offset)
                     data = await self.ctx.call(
-                        "walrus", None, "read", {"blob_id": blob_id, "offset": offset, "length": n}, timeout=10.0
+                        "walrus",
+                        None,
+                        "read",
+                        {"blob_id": blob_id, "offset": offset, "length": n},
+                        timeout=10.0,
                     )
                     if not isinstance(data, bytes) or not data:
                         raise BlobError("ShortRead", f"blob {blob_id}: nothing at offset {offset}")
@@ -394,7 +398,13 @@ class Walrus(Component):
             s3.check_bucket_name(name)
         except s3.S3Error as exc:
             raise _from_s3(exc) from None
-        op = {"op": "put", "table": "buckets", "name": name, "owner": _s(body, "account"), "created": time.time()}
+        op = {
+            "op": "put",
+            "table": "buckets",
+            "name": name,
+            "owner": _s(body, "account"),
+            "created": time.time(),
+        }
         await self._write([op], info)
         return {"bucket": name}
 
@@ -424,7 +434,9 @@ class Walrus(Component):
                 raise _err("NoSuchUpload", "The specified upload does not exist")
             n = body.get("part_number")
             if not isinstance(n, int) or not 1 <= n <= s3.MAX_PART_NUMBER:
-                raise _err("InvalidArgument", f"Part number must be an integer from 1 to {s3.MAX_PART_NUMBER}")
+                raise _err(
+                    "InvalidArgument", f"Part number must be an integer from 1 to {s3.MAX_PART_NUMBER}"
+                )
 
     def _expire_sessions(self) -> None:
         now = time.monotonic()
@@ -462,7 +474,9 @@ class Walrus(Component):
                 raise _err("IncompleteBody", f"offset {offset}, expected {sess.size}")
             w = self.blobs.writer(sess.blob_id)
             local = asyncio.to_thread(w.write, offset, data)
-            peers_task = self._push(sess.peers, "blob_data", {"blob_id": sess.blob_id, "offset": offset, "data": data})
+            peers_task = self._push(
+                sess.peers, "blob_data", {"blob_id": sess.blob_id, "offset": offset, "data": data}
+            )
             _, ok = await asyncio.gather(local, peers_task)
             sess.peers = ok
             sess.size += len(data)
@@ -518,7 +532,8 @@ class Walrus(Component):
             raise _err("BadDigest", "The Content-MD5 you specified did not match what we received.")
         if body.get("sha256") is not None and body["sha256"] != d.sha256:
             raise _err(
-                "XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' header does not match what was computed."
+                "XAmzContentSHA256Mismatch",
+                "The provided 'x-amz-content-sha256' header does not match what was computed.",
             )
         if body.get("crc32") is not None and int(body["crc32"]) != d.crc32:
             raise _err("BadDigest", "The CRC32 you specified did not match the calculated checksum.")
@@ -779,7 +794,9 @@ class Walrus(Component):
             chosen.append(part)
         for part in chosen[:-1]:
             if int(part["size"]) < s3.MIN_PART_SIZE:
-                raise _err("EntityTooSmall", "Your proposed upload is smaller than the minimum allowed object size.")
+                raise _err(
+                    "EntityTooSmall", "Your proposed upload is smaller than the minimum allowed object size."
+                )
         etag = s3.multipart_etag([p["etag"] for p in chosen])
         now = time.time()
         ops = [

@@ -170,7 +170,7 @@ class BlobStore:
             self._finished.pop(blob_id, None)
         if old is not None:
             old.close()
-        fh = open(path, "wb")  # noqa: SIM115 - closed by Writer.finish/close
+        fh = open(path, "wb")
         w = Writer(blob_id, path, md5, fh, _md5=hashlib.md5() if md5 else None)
         with self._mu:
             self._writers[blob_id] = w

@@ -345,7 +345,7 @@ def _upload_delete(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, A
     head = {"op": "put", "table": "uploads", "upload_id": upload_id}
     head.update({f: getattr(row, f) for f in _UPLOAD_FIELDS})
     ctx.session.delete(row)
-    return _blob_undos(recreate) + [head] + undo
+    return [*_blob_undos(recreate), head, *undo]
 
 
 def _part_put_op(upload_id: str, number: int, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -393,7 +393,9 @@ def _part_delete(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any
 
 
 def count_objects(session: Any, bucket: str) -> int:
-    return int(session.execute(select(func.count()).select_from(Object).where(Object.bucket == bucket)).scalar())
+    return int(
+        session.execute(select(func.count()).select_from(Object).where(Object.bucket == bucket)).scalar()
+    )
 
 
 __all__ = [

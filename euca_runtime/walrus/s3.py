@@ -216,7 +216,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         if first_s == "":
             n = int(last_s)
             if n <= 0:
-                raise S3Error("InvalidRange", "The requested range is not satisfiable", ActualObjectSize=str(size))
+                raise S3Error(
+                    "InvalidRange", "The requested range is not satisfiable", ActualObjectSize=str(size)
+                )
             if size == 0:
                 raise S3Error("InvalidRange", "The requested range is not satisfiable", ActualObjectSize="0")
             return max(0, size - n), size - 1
@@ -518,9 +520,7 @@ def list_parts_xml(
     return to_xml(root)
 
 
-def delete_result_xml(
-    deleted: Sequence[str], errors: Sequence[tuple[str, str, str]], quiet: bool
-) -> bytes:
+def delete_result_xml(deleted: Sequence[str], errors: Sequence[tuple[str, str, str]], quiet: bool) -> bytes:
     root = ET.Element("DeleteResult", xmlns=S3_NS)
     if not quiet:
         for key in deleted:
