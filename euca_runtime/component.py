@@ -101,7 +101,14 @@ class InstanceContext(Protocol):
         ...
 
     async def call(
-        self, type_: str, partition: str | None, method: str, body: Any = None, *, timeout: float = 5.0
+        self,
+        type_: str,
+        partition: str | None,
+        method: str,
+        body: Any = None,
+        *,
+        timeout: float = 5.0,
+        dedupe: bool = True,
     ) -> Any:
         """Call the ENABLED instance of another group (location independent, I5)."""
         ...

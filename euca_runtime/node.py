@@ -319,9 +319,16 @@ class Instance:
         return self._cache
 
     async def call(
-        self, type_: str, partition: str | None, method: str, body: Any = None, *, timeout: float = 5.0
+        self,
+        type_: str,
+        partition: str | None,
+        method: str,
+        body: Any = None,
+        *,
+        timeout: float = 5.0,
+        dedupe: bool = True,
     ) -> Any:
-        return await self.node.call(type_, partition, method, body, timeout=timeout)
+        return await self.node.call(type_, partition, method, body, timeout=timeout, dedupe=dedupe)
 
     @property
     def data_dir(self) -> Path:
@@ -1509,17 +1516,27 @@ class Node:
         return best[1], best[2]
 
     async def call(
-        self, type_: str, partition: str | None, method: str, body: Any = None, *, timeout: float = 10.0
+        self,
+        type_: str,
+        partition: str | None,
+        method: str,
+        body: Any = None,
+        *,
+        timeout: float = 10.0,
+        dedupe: bool = True,
     ) -> Any:
         """Call the ENABLED instance of (type, partition), wherever it runs (I5).
 
         Held and retried across a failover until `timeout`; raises `ServiceUnavailable` when
-        the deadline passes, `RequestError` when the component refuses the request.
+        the deadline passes, `RequestError` when the component refuses the request. With
+        `dedupe` (the default) every attempt carries one idempotency key, so the receiver runs
+        the request at most once and keeps its answer for a while; pass False for reads that
+        are safe to repeat and whose answers are large (e.g. object bytes).
         """
         group = group_key(type_, partition)
         loop_time = self.clock.monotonic
         deadline = loop_time() + timeout
-        idem = uuid.uuid4().hex
+        idem = uuid.uuid4().hex if dedupe else None
         last = "no ENABLED instance known"
         attempt_cap = max(1.0, self.lease_config.duration)
         while True:

@@ -238,6 +238,7 @@ class Walrus(Component):
                         "read",
                         {"blob_id": blob_id, "offset": offset, "length": n},
                         timeout=10.0,
+                        dedupe=False,
                     )
                     if not isinstance(data, bytes) or not data:
                         raise BlobError("ShortRead", f"blob {blob_id}: nothing at offset {offset}")

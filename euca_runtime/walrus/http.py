@@ -201,7 +201,10 @@ class S3Frontend:
         self.hosts = endpoint_hosts(node)
 
     async def call(self, method: str, body: dict[str, Any], timeout: float = TIMEOUT) -> Any:
-        return await self.node.call("walrus", None, method, body, timeout=timeout)
+        # Reads are safe to repeat and carry object bytes: not kept by the receiver's
+        # idempotency cache (which would hold every chunk read for its whole TTL).
+        dedupe = method not in ("read", "get_object", "head_object", "list_objects", "list_parts")
+        return await self.node.call("walrus", None, method, body, timeout=timeout, dedupe=dedupe)
 
     # ------------------------------------------------------------------ entry
 
