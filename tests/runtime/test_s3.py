@@ -441,7 +441,7 @@ class _Pattern:
 
 def test_large_object_streams_with_flat_memory(ha_cloud: Cloud) -> None:
     size = int(os.environ.get("EUCA_S3_LARGE_MIB", "256")) * MiB
-    s3 = client(ha_cloud, "node-b")  # through the backup's front end: forwarded to the primary
+    s3 = client(ha_cloud, "node-b")  # forwarded to the primary unless it is node-b
     s3.create_bucket(Bucket="large")
     pids = [ha_cloud.pid("node-a"), ha_cloud.pid("node-b")]
     before = {p: _rss(p) for p in pids}
@@ -488,8 +488,16 @@ def _settled(cloud: Cloud, primary: str = "node-a", backup: str = "node-b") -> b
         rows[f"{primary}.{g}"]["state"] == "ENABLED"
         and rows[f"{backup}.{g}"]["state"] == "DISABLED"
         and rows[f"{backup}.{g}"]["in_sync"]
-        for g in ("clc", "walrus")
+        for g in ("walrus",)
     )
+
+
+def _roles(cloud: Cloud) -> tuple[str, str] | None:
+    """(primary node, backup node) of walrus once it has an ENABLED and an in-sync DISABLED."""
+    for p, b in (("node-a", "node-b"), ("node-b", "node-a")):
+        if _settled(cloud, p, b):
+            return p, b
+    return None
 
 
 class S3Writers:
@@ -515,7 +523,7 @@ class S3Writers:
             size = 1 + (i * 7919) % 20000 if i % 10 else MiB + 17 * i  # every 10th is streamed
             sent = time.monotonic()
             try:
-                s3.put_object(Bucket="ha", Key=key, Body=body_for(key, size))
+                s3.put_object(Bucket="ha-bucket", Key=key, Body=body_for(key, size))
             except Exception as exc:  # noqa: BLE001 - any failure is a refusal to record
                 with self._lock:
                     self.refused[key] = (size, f"{type(exc).__name__}: {exc}")
@@ -547,17 +555,23 @@ def _check_objects(cloud: Cloud, node: str, writers: S3Writers) -> None:
     s3 = client(cloud, node)
     listed = {
         c["Key"]: c["Size"]
-        for p in s3.get_paginator("list_objects_v2").paginate(Bucket="ha", Prefix=writers.prefix)
+        for p in s3.get_paginator("list_objects_v2").paginate(Bucket="ha-bucket", Prefix=writers.prefix)
         for c in p.get("Contents", [])
     }
     for key, (size, _) in writers.acked.items():
         assert listed.get(key) == size, key
-        assert s3.get_object(Bucket="ha", Key=key)["Body"].read() == body_for(key, size), key
+        assert s3.get_object(Bucket="ha-bucket", Key=key)["Body"].read() == body_for(key, size), key
     for key, (size, why) in writers.refused.items():
         if key in listed:  # the answer was lost, not the write: then it must be whole
-            assert s3.get_object(Bucket="ha", Key=key)["Body"].read() == body_for(key, size), (key, why)
+            assert s3.get_object(Bucket="ha-bucket", Key=key)["Body"].read() == body_for(key, size), (
+                key,
+                why,
+            )
     unknown = set(listed) - set(writers.acked) - set(writers.refused)
     assert not unknown, unknown
+    print(
+        f"{writers.prefix} @{node}: {len(writers.acked)} acked intact, {len(writers.refused)} refused"
+    )
 
 
 def _wait_settled_and_verify_backup(cloud: Cloud, writers: S3Writers, backup: str, primary: str) -> None:
@@ -569,37 +583,37 @@ def _wait_settled_and_verify_backup(cloud: Cloud, writers: S3Writers, backup: st
 
 
 def test_kill9_of_the_walrus_primary_loses_no_acknowledged_object(ha_cloud: Cloud) -> None:
-    wait_until(lambda: _settled(ha_cloud), what="HA settled")
-    client(ha_cloud, "node-b").create_bucket(Bucket="ha")
-    with S3Writers(ha_cloud, ["node-b", "node-b", "node-a"], "k9") as w:
+    p, b = wait_until(lambda: _roles(ha_cloud), what="HA settled")
+    client(ha_cloud, b).create_bucket(Bucket="ha-bucket")
+    with S3Writers(ha_cloud, [b, b, p], "k9") as w:
         wait_until(lambda: w.count() >= 30, what="puts flowing")
-        os.kill(ha_cloud.pid("node-a"), signal.SIGKILL)
+        os.kill(ha_cloud.pid(p), signal.SIGKILL)
         killed = time.monotonic()
-        wait_until(lambda: ha_cloud.enabled("walrus", via="node-b") == "node-b.walrus", what="failover")
+        wait_until(lambda: ha_cloud.enabled("walrus", via=b) == f"{b}.walrus", what="failover")
         wait_until(lambda: w.acked_after(killed), what="a put sent after the kill acknowledged")
         n = w.count()
         wait_until(lambda: w.count() >= n + 10, what="puts continue")
     # Writers through the surviving node were never refused (held and retried across the failover).
     assert not [k for k in w.refused if not k.startswith("k9-2-")], w.refused
-    _check_objects(ha_cloud, "node-b", w)
-    run_cli("up", "--dir", str(ha_cloud.root), "--node", "node-a")
-    _wait_settled_and_verify_backup(ha_cloud, w, "node-a", "node-b")
+    _check_objects(ha_cloud, b, w)
+    run_cli("up", "--dir", str(ha_cloud.root), "--node", p)
+    _wait_settled_and_verify_backup(ha_cloud, w, p, b)
 
 
 def test_sigstop_of_the_walrus_primary_past_its_lease(ha_cloud: Cloud) -> None:
-    wait_until(lambda: _settled(ha_cloud), what="HA settled")
-    client(ha_cloud, "node-b").create_bucket(Bucket="ha")
-    pid = ha_cloud.pid("node-a")
+    p, b = wait_until(lambda: _roles(ha_cloud), what="HA settled")
+    client(ha_cloud, b).create_bucket(Bucket="ha-bucket")
+    pid = ha_cloud.pid(p)
     try:
-        with S3Writers(ha_cloud, ["node-b", "node-b"], "st") as w:
+        with S3Writers(ha_cloud, [b, b], "st") as w:
             wait_until(lambda: w.count() >= 20, what="puts flowing")
             os.kill(pid, signal.SIGSTOP)
             stopped = time.monotonic()
-            wait_until(lambda: ha_cloud.enabled("walrus", via="node-b") == "node-b.walrus", what="failover")
-            wait_until(lambda: w.acked_after(stopped), what="puts resume at node-b")
+            wait_until(lambda: ha_cloud.enabled("walrus", via=b) == f"{b}.walrus", what="failover")
+            wait_until(lambda: w.acked_after(stopped), what="puts resume at the backup")
             os.kill(pid, signal.SIGCONT)
             wait_until(
-                lambda: ha_cloud.service("node-a.walrus", via="node-a")["state"] in ("DISABLED", "NOTREADY"),
+                lambda: ha_cloud.service(f"{p}.walrus", via=p)["state"] in ("DISABLED", "NOTREADY"),
                 what="the resumed primary steps down",
             )
             n = w.count()
@@ -607,19 +621,19 @@ def test_sigstop_of_the_walrus_primary_past_its_lease(ha_cloud: Cloud) -> None:
     finally:
         os.kill(pid, signal.SIGCONT)
     assert w.refused == {}
-    _check_objects(ha_cloud, "node-b", w)
-    _wait_settled_and_verify_backup(ha_cloud, w, "node-a", "node-b")
+    _check_objects(ha_cloud, b, w)
+    _wait_settled_and_verify_backup(ha_cloud, w, p, b)
 
 
 def test_switchover_under_s3_load_fails_no_request(ha_cloud: Cloud) -> None:
-    wait_until(lambda: _settled(ha_cloud), what="HA settled")
-    client(ha_cloud, "node-a").create_bucket(Bucket="ha")
-    with S3Writers(ha_cloud, ["node-a", "node-b"], "sw") as w:
+    p, b = wait_until(lambda: _roles(ha_cloud), what="HA settled")
+    client(ha_cloud, p).create_bucket(Bucket="ha-bucket")
+    with S3Writers(ha_cloud, [p, b], "sw") as w:
         wait_until(lambda: w.count() >= 20, what="puts flowing")
-        proc = ha_cloud.ctl("switchover", "walrus", "--to", "node-b.walrus")
+        proc = ha_cloud.ctl("switchover", "walrus", "--to", f"{b}.walrus")
         assert proc.returncode == 0, proc.stderr
         n = w.count()
         wait_until(lambda: w.count() >= n + 20, what="puts after the switchover")
     assert w.refused == {}
-    _check_objects(ha_cloud, "node-b", w)
-    _wait_settled_and_verify_backup(ha_cloud, w, "node-a", "node-b")
+    _check_objects(ha_cloud, b, w)
+    _wait_settled_and_verify_backup(ha_cloud, w, p, b)
