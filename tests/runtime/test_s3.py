@@ -569,9 +569,7 @@ def _check_objects(cloud: Cloud, node: str, writers: S3Writers) -> None:
             )
     unknown = set(listed) - set(writers.acked) - set(writers.refused)
     assert not unknown, unknown
-    print(
-        f"{writers.prefix} @{node}: {len(writers.acked)} acked intact, {len(writers.refused)} refused"
-    )
+    print(f"{writers.prefix} @{node}: {len(writers.acked)} acked intact, {len(writers.refused)} refused")
 
 
 def _wait_settled_and_verify_backup(cloud: Cloud, writers: S3Writers, backup: str, primary: str) -> None:
