@@ -20,6 +20,8 @@ Routes (JSON in, JSON out; errors are ``{"error": TYPE, "message": ...}`` with 4
 ``POST /v1/reload``                         re-read this process's config file (peers, voters)
 ``GET  /v1/voters``                         every group's voter configuration (describe-voters)
 ``GET  /v1/status``                         this node's status document
+``GET  /v1/iam/admin-credentials``          ``{"account", "user", "access_key", "secret_key"}`` of the
+                                            ``eucalyptus/admin`` user (what ``up`` puts in eucarc)
 ``GET  /metrics``                           Prometheus text format
 ==========================================  ========================================================
 """
@@ -155,6 +157,11 @@ def make_admin_app(node: Node) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         return web.json_response(node.status_doc())
 
+    async def admin_credentials(request: web.Request) -> web.Response:
+        timeout = float(request.query.get("timeout", "10"))
+        doc = await node.call("clc", None, "iam.admin_credentials", {}, timeout=min(max(timeout, 0.1), 60.0))
+        return web.json_response(doc)
+
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(text=render_metrics(node), content_type="text/plain", charset="utf-8")
 
@@ -171,6 +178,7 @@ def make_admin_app(node: Node) -> web.Application:
     app.router.add_post("/v1/reload", reload)
     app.router.add_get("/v1/voters", voters)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/iam/admin-credentials", admin_credentials)
     app.router.add_get("/metrics", metrics)
     return app
 

@@ -104,7 +104,14 @@ class InstanceContext(Protocol):
         ...
 
     async def call(
-        self, type_: str, partition: str | None, method: str, body: Any = None, *, timeout: float = 5.0
+        self,
+        type_: str,
+        partition: str | None,
+        method: str,
+        body: Any = None,
+        *,
+        timeout: float = 5.0,
+        dedupe: bool = True,
     ) -> Any:
         """Call the ENABLED instance of another group (location independent, I5)."""
         ...
@@ -129,6 +136,17 @@ class Component:
     def handlers(self) -> Mapping[str, ComponentHandler]:
         """Bus methods served by the ENABLED instance."""
         return {}
+
+    def peer_handlers(self) -> Mapping[str, ComponentHandler]:
+        """Bus methods one instance of the group calls on another, named, instance in any
+        state (``InstanceContext.call_peer``), e.g. a primary streaming bytes to a backup."""
+        return {}
+
+    def sync_blocked(self) -> bool:
+        """True while this replica lacks data its applied log refers to: it then does not
+        acknowledge replication (so it is not counted, nor recorded, in sync). Called from
+        the replication thread; must be quick and thread-safe."""
+        return False
 
     async def on_enabled(self, epoch: int) -> None:
         """Called when this instance becomes ENABLED (the lease holder, ready to write)."""

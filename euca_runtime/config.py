@@ -8,6 +8,8 @@ Example (every key shown; the optional ones with their defaults)::
     data_dir: /var/lib/euca-runtime   # relative paths are relative to the config file
     database_url: null                # default: sqlite:///<data_dir>/euca.db
     tls: {ca: pki/ca.crt, cert: pki/node-a.crt, key: pki/node-a.key}
+    credential_key: pki/credentials.key  # the cloud's secret (32 random bytes, 0600) that
+                                      # encrypts access-key secrets at rest; needed by clc hosts
     peers:                            # the other processes, by node name
       node-b: 10.0.0.12:7100
       node-c: 10.0.0.13:7100
@@ -184,6 +186,8 @@ class RuntimeConfig:
     bus: BusSettings = field(default_factory=BusSettings)
     log_level: str = "info"
     join: bool = False
+    credential_key: Path | None = None
+    """The cloud-wide secret file that encrypts IAM secret keys at rest (every clc host has it)."""
 
     def transport_options(self) -> TransportOptions:
         """The :class:`~euca_runtime.transport.TransportOptions` this config asks for."""
@@ -454,7 +458,18 @@ def _bus(value: Any) -> BusSettings:
 # --- entry points ---------------------------------------------------------------------------
 
 _REQUIRED = ("node", "listen", "admin", "data_dir", "tls", "voters")
-_OPTIONAL = ("database_url", "peers", "components", "timing", "routes", "api", "bus", "log_level", "join")
+_OPTIONAL = (
+    "database_url",
+    "peers",
+    "components",
+    "timing",
+    "routes",
+    "api",
+    "bus",
+    "log_level",
+    "credential_key",
+    "join",
+)
 
 
 def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
@@ -486,6 +501,8 @@ def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
     join = _opt(d, "join", False)
     if not isinstance(join, bool):
         _fail("join", "must be true or false", join)
+    raw_key = d.get("credential_key")
+    credential_key = None if raw_key is None else _path(raw_key, "credential_key", base_dir)
 
     listeners = [("listen", listen), ("admin", admin)]
     listeners += [(f"api.{k}", getattr(api, k)) for k in API_NAMES if getattr(api, k) is not None]
@@ -511,6 +528,7 @@ def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
         bus=bus,
         log_level=log_level,
         join=join,
+        credential_key=credential_key,
     )
 
 
@@ -594,7 +612,7 @@ def config_to_dict(cfg: RuntimeConfig) -> dict[str, Any]:
         "bus": {k: getattr(cfg.bus, k) for k in BusSettings.__dataclass_fields__},
         "log_level": cfg.log_level,
         "join": cfg.join,
-    }
+    } | ({"credential_key": str(cfg.credential_key)} if cfg.credential_key is not None else {})
 
 
 def dump_config(cfg: RuntimeConfig) -> str:

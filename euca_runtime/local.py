@@ -4,8 +4,10 @@ Layout under DIR (mode 0700)::
 
     cloud.json            the layout: nodes, their addresses, configs, URLs (read by eucactl)
     admin.token           the admin token (0600); each node's data dir holds a copy
-    eucarc                shell ``export`` lines: KV_URL(S), EUCA_ADMIN_URL(S), token file
-    pki/                  the development cluster CA and one certificate per node
+    eucarc                shell ``export`` lines (0600): EUARE_URL(S), AWS_ACCESS_KEY_ID,
+                          AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, KV_URL(S), EUCA_ADMIN_URL(S), ...
+    pki/                  the development cluster CA and one certificate per node, and
+                          credentials.key (0600): the cloud's key for access-key secrets at rest
     <node>.yaml           the node's `euca-runtime serve` configuration
     <node>/               its data dir: core database, one database per instance, held.json
     <node>.log            its JSON log lines (and its supervisor's)
@@ -18,10 +20,14 @@ Layout under DIR (mode 0700)::
 rewrites ``node-a.yaml`` with the new peers and voters and reloads it (``POST /v1/reload``:
 node-a is never restarted), waits until every group's voters are {node-a, node-b, node-c}
 and node-b's instances are DISABLED and in sync, then rewrites cloud.json and eucarc.
-``up --ha``: ``node-a`` and ``node-b`` each host the ``clc`` and ``kv`` groups (node-a is the
+``up --ha``: ``node-a`` and ``node-b`` each host the ``clc``, ``kv`` and ``walrus`` groups (node-a is the
 preferred primary), ``node-c`` hosts an arbitrator; voters are node-a, node-b and node-c. Each
 process has its own loopback address (127.0.0.11, .12, .13), its own free ports and its own
-databases. ``up`` returns once every replicated group has an ENABLED instance. Run on an
+databases. Every clc host serves the IAM API (``api.iam``). ``up`` returns once every
+replicated group has an ENABLED instance and the clc has made the ``eucalyptus`` admin
+account; it then fetches the admin user's access key through the admin API
+(``/v1/iam/admin-credentials``) and writes it into eucarc (the key is made by the cloud,
+never by ``up``). Run on an
 existing DIR, it starts whichever nodes are not running, so it is also how a stopped or killed
 node is restarted; ``--node NAME`` restricts it to one node and returns once that node answers.
 
@@ -58,9 +64,12 @@ from typing import Any
 import yaml
 
 from euca_runtime.config import load_config
+from euca_runtime.credentials import make_credential_key
 from euca_runtime.tls import ensure_dev_pki, write_private
 
 LAYOUT = "cloud.json"
+REGION = "eucalyptus"
+CREDENTIAL_KEY = "pki/credentials.key"
 TOKEN = "admin.token"
 UP_TIMEOUT = 60.0
 DOWN_GRACE = 8.0
@@ -68,16 +77,24 @@ DOWN_GRACE = 8.0
 HA_NODES: dict[str, dict[str, Any]] = {
     "node-a": {
         "ip": "127.0.0.11",
-        "components": [{"type": "clc", "role": "primary"}, {"type": "kv", "role": "primary"}],
+        "components": [
+            {"type": "clc", "role": "primary"},
+            {"type": "kv", "role": "primary"},
+            {"type": "walrus", "role": "primary"},
+        ],
     },
     "node-b": {
         "ip": "127.0.0.12",
-        "components": [{"type": "clc", "role": "backup"}, {"type": "kv", "role": "backup"}],
+        "components": [
+            {"type": "clc", "role": "backup"},
+            {"type": "kv", "role": "backup"},
+            {"type": "walrus", "role": "backup"},
+        ],
     },
     "node-c": {"ip": "127.0.0.13", "components": [{"type": "arbitrator"}]},
 }
 SINGLE_NODES: dict[str, dict[str, Any]] = {
-    "node-a": {"ip": "127.0.0.11", "components": [{"type": "clc"}, {"type": "kv"}]},
+    "node-a": {"ip": "127.0.0.11", "components": [{"type": "clc"}, {"type": "kv"}, {"type": "walrus"}]},
 }
 
 
@@ -147,7 +164,12 @@ class Layout:
 
     def groups(self) -> set[str]:
         """The replicated groups this layout hosts (what `up` waits for)."""
-        return {c["type"] for n in self.nodes.values() for c in n.components if c["type"] in ("clc", "kv")}
+        return {
+            c["type"]
+            for n in self.nodes.values()
+            for c in n.components
+            if c["type"] in ("clc", "kv", "walrus")
+        }
 
     def pid_file(self, node: str) -> Path:
         return self.root / f"{node}.pid"
@@ -223,15 +245,18 @@ def node_configs(
     *,
     data_dirs: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    credential_key: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The `euca-runtime serve` configuration of every node of a cloud, as plain dicts.
 
     `nodes` maps a node name to ``{"ip", "components"}`` (like `HA_NODES`); `ports` gives each
-    node's ``{"bus", "admin", "kv"}`` ports; `tls` its ``{"ca", "cert", "key"}`` paths (as they
-    should appear in the file). Every node is a voter and a peer of every other. `data_dirs`
-    overrides the data dir (default: the node name, relative to the config file); `extra` is
-    merged into every configuration (e.g. ``{"timing": {...}}``). `up` uses it on loopback;
-    the lossy-link test uses it for testbed hosts.
+    node's ``{"bus", "admin", "kv", "iam", "s3"}`` ports (those its components serve); `tls`
+    its ``{"ca", "cert", "key"}`` paths (as they should appear in the file). Every node is a
+    voter and a peer of every other. `data_dirs` overrides the data dir (default: the node
+    name, relative to the config file); `extra` is merged into every configuration (e.g.
+    ``{"timing": {...}}``); `credential_key` is the path of the cloud's secret-key file, given
+    to every clc and walrus node. `up` uses it on loopback; the lossy-link test uses it for
+    testbed hosts.
     """
     voters = list(nodes)
     out: dict[str, dict[str, Any]] = {}
@@ -253,8 +278,12 @@ def node_configs(
             "components": [dict(c) for c in spec["components"]],
             "log_level": "info",
         }
-        if any(c["type"] == "kv" for c in spec["components"]):
-            cfg["api"] = {"kv": f"{ip}:{p['kv']}"}
+        types = {c["type"] for c in spec["components"]}
+        api = {k: f"{ip}:{p[k]}" for k, t in (("kv", "kv"), ("iam", "clc"), ("s3", "walrus")) if t in types}
+        if api:
+            cfg["api"] = api
+        if credential_key is not None and types & {"clc", "walrus"}:
+            cfg["credential_key"] = credential_key
         cfg.update(extra or {})
         out[name] = cfg
     return out
@@ -267,8 +296,15 @@ def _create(root: Path, ha: bool) -> Layout:
     pki = ensure_dev_pki(root / "pki", list(nodes), {n: [spec["ip"]] for n, spec in nodes.items()})
     token = secrets.token_urlsafe(32)
     write_private(root / TOKEN, (token + "\n").encode())
+    make_credential_key(root / CREDENTIAL_KEY)
     ports = {
-        n: {"bus": _free_port(spec["ip"]), "admin": _free_port(spec["ip"]), "kv": _free_port(spec["ip"])}
+        n: {
+            "bus": _free_port(spec["ip"]),
+            "admin": _free_port(spec["ip"]),
+            "kv": _free_port(spec["ip"]),
+            "iam": _free_port(spec["ip"]),
+            "s3": _free_port(spec["ip"]),
+        }
         for n, spec in nodes.items()
     }
     tls = {
@@ -279,12 +315,11 @@ def _create(root: Path, ha: bool) -> Layout:
         }
         for n in nodes
     }
-    configs = node_configs(nodes, ports, tls)
+    configs = node_configs(nodes, ports, tls, credential_key=CREDENTIAL_KEY)
     layout_nodes: dict[str, Any] = {}
     for name, spec in nodes.items():
         ip = spec["ip"]
         p = ports[name]
-        has_kv = any(c["type"] == "kv" for c in spec["components"])
         cfg = configs[name]
         cfg_path = root / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -296,7 +331,7 @@ def _create(root: Path, ha: bool) -> Layout:
             "host": ip,
             "config": cfg_path.name,
             "admin": f"http://{ip}:{p['admin']}",
-            "api": {"kv": f"http://{ip}:{p['kv']}"} if has_kv else {},
+            "api": {k: f"http://{v}" for k, v in cfg.get("api", {}).items()},
             "voter": True,
             "components": spec["components"],
         }
@@ -305,10 +340,35 @@ def _create(root: Path, ha: bool) -> Layout:
     return Layout(root, doc)
 
 
-def write_eucarc(layout: Layout) -> Path:
-    """DIR/eucarc: ``source`` it to point clients and eucactl at this cloud."""
+def fetch_admin_credentials(layout: Layout, timeout: float = UP_TIMEOUT) -> dict[str, Any]:
+    """The ``eucalyptus/admin`` access key, from the ENABLED clc (through any node's admin API)."""
+    token = layout.token()
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        for info in layout.nodes.values():
+            try:
+                doc = _http_json(f"{info.admin}/v1/iam/admin-credentials?timeout=2", token, timeout=5.0)
+            except urllib.error.HTTPError as exc:
+                last = f"{info.name}: HTTP {exc.code}"
+                continue
+            except (OSError, ValueError) as exc:
+                last = f"{info.name}: {exc}"
+                continue
+            if isinstance(doc, dict) and doc.get("access_key") and doc.get("secret_key"):
+                return doc
+        if time.monotonic() > deadline:
+            raise UpError(f"the clc did not hand out the admin credentials within {timeout:g} s ({last})")
+        time.sleep(0.1)
+
+
+def write_eucarc(layout: Layout, credentials: Mapping[str, Any] | None = None) -> Path:
+    """DIR/eucarc (0600): ``source`` it to point clients and eucactl at this cloud."""
     kv = layout.api_urls("kv")
+    iam = layout.api_urls("iam")
+    s3 = layout.api_urls("s3")
     admin = layout.admin_urls()
+    creds = credentials or {}
     lines = [
         "# euca-ha local cloud made by `euca-runtime up`; use: source eucarc",
         f"export EUCA_DIR={layout.root}",
@@ -318,12 +378,21 @@ def write_eucarc(layout: Layout) -> Path:
         "# kv: the internal replicated key-value service (tests, benchmarks); any URL forwards",
         f"export KV_URL={kv[0] if kv else ''}",
         f'export KV_URLS="{" ".join(kv)}"',
-        "# AWS APIs: EC2_URL, S3_URL, EUARE_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,",
-        "# AWS_DEFAULT_REGION and EC2_URLS, S3_URLS, EUARE_URLS are written here once the clc",
-        "# (IAM, EC2) and walrus (S3) APIs land.",
+        "# IAM (euare): any URL serves (it forwards to the ENABLED clc)",
+        f"export EUARE_URL={iam[0] if iam else ''}",
+        f'export EUARE_URLS="{" ".join(iam)}"',
+        "# S3 (walrus): any URL serves (it forwards to the ENABLED walrus)",
+        f"export S3_URL={s3[0] if s3 else ''}",
+        f'export S3_URLS="{" ".join(s3)}"',
+        "export AWS_ENDPOINT_URL_S3=$S3_URL",
+        "export AWS_ENDPOINT_URL_IAM=$EUARE_URL",
+        f"# credentials of user {creds.get('user', 'admin')} of account {creds.get('account', 'eucalyptus')}",
+        f"export AWS_ACCESS_KEY_ID={creds.get('access_key', '')}",
+        f"export AWS_SECRET_ACCESS_KEY={creds.get('secret_key', '')}",
+        f"export AWS_DEFAULT_REGION={REGION}",
     ]
     path = layout.root / "eucarc"
-    path.write_text("\n".join(lines) + "\n")
+    write_private(path, ("\n".join(lines) + "\n").encode())
     return path
 
 
@@ -432,7 +501,10 @@ def up(root: Path | str, ha: bool = False, node: str | None = None, timeout: flo
     # A whole cloud waits for every group to be ENABLED; restarting one node waits for it to
     # answer (its groups may rightly have no primary, e.g. before a force-promote).
     wait_ready(layout, names, timeout, enabled=node is None)
-    write_eucarc(layout)
+    if node is not None and (layout.root / "eucarc").exists():
+        return layout  # one node restarted: the cloud's eucarc stays as it is
+    creds = fetch_admin_credentials(layout, timeout) if node is None and layout.api_urls("iam") else None
+    write_eucarc(layout, creds)
     return layout
 
 
@@ -490,8 +562,7 @@ def add_ha_nodes(layout: Layout) -> Layout:
     new = {n: spec for n, spec in HA_NODES.items() if n not in layout.nodes}
     voters = list(HA_NODES)
     ports = {
-        n: {"bus": _free_port(spec["ip"]), "admin": _free_port(spec["ip"]), "kv": _free_port(spec["ip"])}
-        for n, spec in new.items()
+        n: {k: _free_port(spec["ip"]) for k in ("bus", "admin", "kv", "iam", "s3")} for n, spec in new.items()
     }
     bus = {"node-a": a_bus} | {n: f"{spec['ip']}:{ports[n]['bus']}" for n, spec in new.items()}
     doc = dict(layout.doc)
@@ -503,9 +574,16 @@ def add_ha_nodes(layout: Layout) -> Layout:
         cfg["join"] = True  # added to a running cloud: learn each group's voters from the voters
         cfg["components"] = spec["components"]
         cfg["log_level"] = "info"
-        has_kv = any(c["type"] == "kv" for c in spec["components"])
-        if has_kv:
-            cfg["api"] = {"kv": f"{spec['ip']}:{ports[name]['kv']}"}
+        types = {c["type"] for c in spec["components"]}
+        api = {
+            k: f"{spec['ip']}:{ports[name][k]}"
+            for k, t in (("kv", "kv"), ("iam", "clc"), ("s3", "walrus"))
+            if t in types
+        }
+        if api:
+            cfg["api"] = api
+        if types & {"clc", "walrus"}:
+            cfg["credential_key"] = CREDENTIAL_KEY
         cfg_path = root / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         load_config(cfg_path)
@@ -516,7 +594,7 @@ def add_ha_nodes(layout: Layout) -> Layout:
             "host": spec["ip"],
             "config": cfg_path.name,
             "admin": f"http://{spec['ip']}:{ports[name]['admin']}",
-            "api": {"kv": f"http://{spec['ip']}:{ports[name]['kv']}"} if has_kv else {},
+            "api": {k: f"http://{v}" for k, v in api.items()},
             "voter": True,
             "components": spec["components"],
         }

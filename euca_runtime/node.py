@@ -337,9 +337,42 @@ class Instance:
         return self._cache
 
     async def call(
-        self, type_: str, partition: str | None, method: str, body: Any = None, *, timeout: float = 5.0
+        self,
+        type_: str,
+        partition: str | None,
+        method: str,
+        body: Any = None,
+        *,
+        timeout: float = 5.0,
+        dedupe: bool = True,
     ) -> Any:
-        return await self.node.call(type_, partition, method, body, timeout=timeout)
+        return await self.node.call(type_, partition, method, body, timeout=timeout, dedupe=dedupe)
+
+    @property
+    def data_dir(self) -> Path:
+        """The process's data directory (components keep local files under it)."""
+        return self.node.cfg.data_dir
+
+    def peer_instances(self) -> list[str]:
+        """The other members of this instance's group (replication peers)."""
+        return sorted(self.node.members(self.group) - {self.name})
+
+    async def call_peer(self, instance: str, method: str, body: dict[str, Any], *, timeout: float) -> Any:
+        """Call `method` of the component's `peer_handlers` on another instance of the group,
+        whatever its state (e.g. the primary streaming object bytes to its backups)."""
+        node = self.node.node_of(instance)
+        if node is None:
+            raise ServiceUnavailable(f"no route to {instance}", "Unavailable")
+        body = {**body, "instance": instance}
+        if node == self.node.name:
+            return await self.node.serve_peer(method, body, self.node.name, self._mono() + timeout)
+        assert self.node.endpoint is not None
+        try:
+            return await self.node.endpoint.request(node, "_peer", method, body, timeout=timeout)
+        except RemoteError as exc:
+            raise RequestError(exc.type, exc.message) from None
+        except (PeerUnavailable, DeadlineExceeded) as exc:
+            raise ServiceUnavailable(f"{instance}: {exc}", "Unavailable") from None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -677,6 +710,11 @@ class Instance:
             if self._backup is None:
                 self._backup = ReplicationBackup(self.name, self.group, self._rstore, self.node.repl_config)
             sends = self._backup.handle(msg, now)
+            comp = self.component
+            if comp is not None and comp.sync_blocked():
+                # The component lacks data the log refers to (e.g. object bytes it must still
+                # fetch): it must not count towards commits or be recorded in sync yet.
+                sends = [s for s in sends if not isinstance(s.msg, ReplicateAck)]
             self._mirror()
             return _JobResult(sends=sends, observe=observe if observe is not None else msg.epoch)
         if isinstance(msg, ReplicateAck):
@@ -1267,6 +1305,18 @@ class Node:
 
             apps.append((make_api_app(self), kv_addr.host, kv_addr.port, "kv"))
             self.api_urls["kv"] = f"http://{kv_addr}"
+        iam_addr = self.cfg.api.iam
+        if iam_addr is not None and "clc" in {i.type for i in self.instances.values()}:
+            from euca_runtime.services.iam import make_api_app as make_iam_app
+
+            apps.append((make_iam_app(self), iam_addr.host, iam_addr.port, "iam"))
+            self.api_urls["iam"] = f"http://{iam_addr}"
+        s3_addr = self.cfg.api.s3
+        if s3_addr is not None and "walrus" in {i.type for i in self.instances.values()}:
+            from euca_runtime.walrus.http import make_s3_app
+
+            apps.append((make_s3_app(self), s3_addr.host, s3_addr.port, "s3"))
+            self.api_urls["s3"] = f"http://{s3_addr}"
         for app, host, port, _ in apps:
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
@@ -1474,6 +1524,8 @@ class Node:
             return await self._on_proto(peer, body)
         if target == "_node":
             return await self._on_node(method, body, peer)
+        if target == "_peer":
+            return await self.serve_peer(method, body, peer, req["expires_at"])
         inst = self.by_group.get(group_key(target, req.get("partition")))
         if inst is None:
             raise RemoteError("NotPrimary", f"{self.name} hosts no {group_key(target, req.get('partition'))}")
@@ -1483,6 +1535,22 @@ class Node:
             raise RemoteError(exc.kind, str(exc)) from None
         except RequestError as exc:
             raise RemoteError(exc.kind, exc.message) from None
+
+    async def serve_peer(self, method: str, body: Any, peer: str, expires_at: float) -> Any:
+        """A request for one named instance's `peer_handlers` (any state, no routing)."""
+        name = body.get("instance") if isinstance(body, Mapping) else None
+        inst = self.instances.get(str(name))
+        if inst is None or inst.component is None or inst.broken:
+            raise RemoteError("NoSuchInstance", f"{self.name} hosts no usable instance {name!r}")
+        handler = inst.component.peer_handlers().get(method)
+        if handler is None:
+            raise RemoteError("UnknownMethod", f"{inst.type} has no peer method {method!r}")
+        try:
+            return await handler(body, RequestInfo(method, peer, expires_at))
+        except RequestError as exc:
+            raise RemoteError(exc.kind, exc.message) from None
+        except ServiceUnavailable as exc:
+            raise RemoteError(exc.kind, str(exc)) from None
 
     async def _on_node(self, method: str, body: Any, peer: str) -> Any:
         body = body if isinstance(body, Mapping) else {}
@@ -1544,17 +1612,27 @@ class Node:
         return best[1], best[2]
 
     async def call(
-        self, type_: str, partition: str | None, method: str, body: Any = None, *, timeout: float = 10.0
+        self,
+        type_: str,
+        partition: str | None,
+        method: str,
+        body: Any = None,
+        *,
+        timeout: float = 10.0,
+        dedupe: bool = True,
     ) -> Any:
         """Call the ENABLED instance of (type, partition), wherever it runs (I5).
 
         Held and retried across a failover until `timeout`; raises `ServiceUnavailable` when
-        the deadline passes, `RequestError` when the component refuses the request.
+        the deadline passes, `RequestError` when the component refuses the request. With
+        `dedupe` (the default) every attempt carries one idempotency key, so the receiver runs
+        the request at most once and keeps its answer for a while; pass False for reads that
+        are safe to repeat and whose answers are large (e.g. object bytes).
         """
         group = group_key(type_, partition)
         loop_time = self.clock.monotonic
         deadline = loop_time() + timeout
-        idem = uuid.uuid4().hex
+        idem = uuid.uuid4().hex if dedupe else None
         last = "no ENABLED instance known"
         attempt_cap = max(1.0, self.lease_config.duration)
         while True:

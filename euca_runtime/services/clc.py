@@ -1,4 +1,4 @@
-"""The clc component (placeholder): owns the service registry, the topology of the cloud.
+"""The clc component: owns the service registry (the topology) and the identities (IAM).
 
 The registry is a replicated table of the clc group: one row per service instance
 (``name``, ``type``, ``partition``, ``node``, ``host``, ``registered``). Instances register
@@ -6,17 +6,21 @@ themselves when they first see an ENABLED clc (incremental boot, I4); ``eucactl 
 ``deregister`` change rows explicitly. A deregistered row is kept as a tombstone
 (``registered = False``) so the instance does not register itself again.
 
-The IAM and EC2 APIs of the clc come with a later issue; they add tables to the same
-component (its Alembic branch ``clc``).
+Identity (Alembic revision ``clc_0002``): accounts, users and access keys, tables
+``iam_account``, ``iam_user`` and ``iam_access_key``, written with generic row ops
+(``{"op": "put", "table": T, "row": {...}}`` / ``{"op": "delete", "table": T, "pk": [...]}``).
+Secret access keys are stored AES-GCM encrypted (`euca_runtime.credentials`). The IAM logic
+and its bus methods (``iam.*``) live in `euca_runtime.services.iam`; the ENABLED clc creates
+the ``eucalyptus`` account and its ``admin`` user and key on first boot. The EC2 API comes later.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Boolean, Float, String
+from sqlalchemy import Boolean, Float, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from euca_runtime.component import (
@@ -47,7 +51,108 @@ class RegistryEntry(ClcBase):
     updated_ts: Mapped[float] = mapped_column(Float, nullable=False)
 
 
+class IamAccount(ClcBase):
+    """An account (the ``eucalyptus`` admin account is made at first boot)."""
+
+    __tablename__ = "iam_account"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(12), nullable=False, unique=True)
+    created_ts: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class IamUser(ClcBase):
+    """A user of an account; names are unique per account regardless of case (as in IAM)."""
+
+    __tablename__ = "iam_user"
+
+    account: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    user_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    path: Mapped[str] = mapped_column(String(512), nullable=False)
+    created_ts: Mapped[float] = mapped_column(Float, nullable=False)
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class IamAccessKey(ClcBase):
+    """An access key; `secret` is AES-GCM ciphertext (nonce + ciphertext + tag)."""
+
+    __tablename__ = "iam_access_key"
+
+    access_key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    account: Mapped[str] = mapped_column(String(64), nullable=False)
+    user_key: Mapped[str] = mapped_column(String(64), nullable=False)
+    secret: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    created_ts: Mapped[float] = mapped_column(Float, nullable=False)
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
 CLC_SPEC = register_component(ComponentSpec("clc", ClcBase.metadata))
+
+_IAM_MODELS: dict[str, type[ClcBase]] = {
+    "iam_account": IamAccount,
+    "iam_user": IamUser,
+    "iam_access_key": IamAccessKey,
+}
+
+
+def _columns(model: type[ClcBase]) -> list[str]:
+    return [c.name for c in model.__table__.columns]  # type: ignore[attr-defined]
+
+
+def _pk(model: type[ClcBase]) -> list[str]:
+    return [c.name for c in model.__table__.primary_key.columns]  # type: ignore[attr-defined]
+
+
+def row_put_op(table: str, row: Mapping[str, Any]) -> dict[str, Any]:
+    """Insert or replace one IAM row (every column explicit, so replicas agree exactly)."""
+    model = _IAM_MODELS[table]
+    return {"op": "put", "table": table, "row": {c: row.get(c) for c in _columns(model)}}
+
+
+def row_delete_op(table: str, pk: Sequence[Any]) -> dict[str, Any]:
+    """Delete one IAM row by primary key (a no-op if absent)."""
+    return {"op": "delete", "table": table, "pk": list(pk)}
+
+
+def _apply_row_put(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]]:
+    table = str(op.get("table"))
+    model = _IAM_MODELS[table]
+    row = op.get("row")
+    if not isinstance(row, Mapping):
+        raise StoreError(f"{table} put needs a row mapping")
+    pk = tuple(row.get(c) for c in _pk(model))
+    if any(v is None for v in pk):
+        raise StoreError(f"{table} put: primary key {_pk(model)} incomplete")
+    current = ctx.session.get(model, pk)
+    if current is None:
+        ctx.session.add(model(**{c: row.get(c) for c in _columns(model)}))
+        return [row_delete_op(table, pk)]
+    undo = row_put_op(table, {c: getattr(current, c) for c in _columns(model)})
+    for c in _columns(model):
+        setattr(current, c, row.get(c))
+    return [undo]
+
+
+def _apply_row_delete(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]]:
+    table = str(op.get("table"))
+    model = _IAM_MODELS[table]
+    pk = op.get("pk")
+    if not isinstance(pk, list | tuple) or len(pk) != len(_pk(model)):
+        raise StoreError(f"{table} delete needs pk {_pk(model)}")
+    current = ctx.session.get(model, tuple(pk))
+    if current is None:
+        return []
+    undo = row_put_op(table, {c: getattr(current, c) for c in _columns(model)})
+    ctx.session.delete(current)
+    return [undo]
+
+
+for _table in _IAM_MODELS:
+    CLC_SPEC.register_applier(_table, "put", _apply_row_put)
+    CLC_SPEC.register_applier(_table, "delete", _apply_row_delete)
 
 _FIELDS = ("type", "partition", "node", "host", "registered", "updated_ts")
 
@@ -93,7 +198,19 @@ def _row(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class Clc(Component):
-    """The clc placeholder: registry reads and writes over the bus."""
+    """The clc: registry reads and writes, and the identity service (``iam.*`` methods)."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        from euca_runtime.services.iam import Identity
+
+        self.identity = Identity(self)
+
+    async def on_enabled(self, epoch: int) -> None:
+        self.identity.on_enabled(epoch)
+
+    async def on_disabled(self) -> None:
+        self.identity.on_disabled()
 
     def registry(self) -> list[dict[str, Any]]:
         """Every registry row (from the warm cache)."""
@@ -136,7 +253,7 @@ class Clc(Component):
                 await self.ctx.write(ops, request.expires_at)
             return {"changed": len(ops), "registry": self.registry()}
 
-        return {"list_registry": list_registry, "register": register}
+        return {"list_registry": list_registry, "register": register, **self.identity.handlers()}
 
 
 CLC = register_type(
@@ -145,6 +262,6 @@ CLC = register_type(
         factory=Clc,
         replicated=True,
         store_component="clc",
-        description="cloud controller: service registry (IAM/EC2 come later)",
+        description="cloud controller: service registry and identity (IAM); EC2 comes later",
     )
 )

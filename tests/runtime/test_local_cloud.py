@@ -36,10 +36,12 @@ def test_up_down_single_process_leaves_nothing_behind(tmp_path: Path) -> None:
         assert {s["name"]: s["state"] for s in cloud.services()} == {
             "node-a.clc": "ENABLED",
             "node-a.kv": "ENABLED",
+            "node-a.walrus": "ENABLED",
         }
         eucarc = (root / "eucarc").read_text()
         assert f"export KV_URL={cloud.kv_url('node-a')}" in eucarc
-        assert "export EUCA_ADMIN_TOKEN_FILE=" in eucarc and "EC2_URL" in eucarc  # the place for AWS vars
+        assert f"export S3_URL={cloud.layout.nodes['node-a'].api['s3']}" in eucarc
+        assert "export EUCA_ADMIN_TOKEN_FILE=" in eucarc
         for secret in (root / "admin.token", root / "node-a" / "admin.token", root / "pki" / "ca.key"):
             assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
         pids = cloud.all_pids()
