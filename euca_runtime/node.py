@@ -1317,11 +1317,17 @@ class Node:
 
             apps.append((make_s3_app(self), s3_addr.host, s3_addr.port, "s3"))
             self.api_urls["s3"] = f"http://{s3_addr}"
-        for app, host, port, _ in apps:
+        for app, host, port, name in apps:
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
+            shared = getattr(self.cfg.shared_api, name) if name is not None else None
+            if shared is not None:
+                # The same app on the API's shared address, with every other process serving it:
+                # the kernel hands each new connection to one of the live listeners.
+                both = web.TCPSite(runner, shared.host, shared.port, reuse_address=True, reuse_port=True)
+                await both.start()
             self._runners.append(runner)
 
     async def stop(self) -> None:
