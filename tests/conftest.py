@@ -6,6 +6,11 @@ import os
 import shutil
 
 import pytest
+from hypothesis import settings
+
+# Tests assert behaviour, never speed: no per-example deadline (a loaded CI machine is slow).
+settings.register_profile("euca", deadline=None)
+settings.load_profile("euca")
 
 
 def _testbed_missing() -> str | None:
