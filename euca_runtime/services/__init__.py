@@ -5,6 +5,6 @@
 - `arbitrator`: a witness voter host; route probing comes later.
 """
 
-from euca_runtime.services import arbitrator, clc, kv, walrus
+from euca_runtime.services import arbitrator, clc, kv, sc, walrus
 
-__all__ = ["arbitrator", "clc", "kv", "walrus"]
+__all__ = ["arbitrator", "clc", "kv", "sc", "walrus"]
