@@ -4,50 +4,21 @@ idempotent retries by id, attachment states, EC2 error codes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster_fakes import REQ, LocalCtx
 
-from euca_runtime.component import RequestError, RequestInfo, WriteResult
+from euca_runtime.component import RequestError
 from euca_runtime.services.sc import Sc
-from euca_runtime.store import ObjectCache, Store, StoreError, sqlite_url
-
-
-class LocalCtx:
-    """An `InstanceContext` of a lone primary: `write` applies the ops as the next record."""
-
-    def __init__(self, root: Path) -> None:
-        self.name = "node-a.sc.c1"
-        self.type, self.partition, self.group, self.node_name = "sc", "c1", "sc/c1", "node-a"
-        self.data_dir = root
-        self.store = Store.open(sqlite_url(root / "sc.db"), component="sc", group="sc/c1")
-        self.cache = ObjectCache(self.store, warm=True)
-        self.seq = 0
-        self.writes = 0
-
-    async def write(self, ops: Sequence[Mapping[str, Any]], expires_at: float | None = None) -> WriteResult:
-        try:
-            self.store.apply(1, self.seq + 1, [dict(o) for o in ops])
-        except StoreError as exc:
-            raise RequestError("BadRequest", f"write refused: {exc}") from None
-        self.seq += 1
-        self.writes += 1
-        return WriteResult(1, self.seq)
-
-    def close(self) -> None:
-        self.cache.close()
-        self.store.close()
-
-
-REQ = RequestInfo("m", "node-a", 1e18)
 
 
 @pytest.fixture
 def sc(tmp_path: Path) -> Iterator[Sc]:
     async def make() -> Sc:
-        return Sc(LocalCtx(tmp_path))
+        return Sc(LocalCtx(tmp_path, "sc", "c1", "sc"))
 
     comp = asyncio.run(make())
     try:
