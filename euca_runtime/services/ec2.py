@@ -959,7 +959,8 @@ class Ec2:
         if snap is not None and size < snap["size_gib"]:
             raise _err(
                 "InvalidParameterValue",
-                f"The volume size ({size} GiB) is smaller than the snapshot {snap_id} ({snap['size_gib']} GiB)",
+                f"The volume size ({size} GiB) is smaller than the snapshot {snap_id} "
+                f"({snap['size_gib']} GiB)",
             )
         vtype = str(params.get("VolumeType") or "standard")
         if vtype != "standard":
@@ -1172,8 +1173,8 @@ class Ec2:
             ):
                 raise _err(
                     "InvalidAttachment.NotFound",
-                    f"Attachment point {want_device or att['device']} of instance {want_iid or att['instance_id']} "
-                    f"is not attached to volume {vid}",
+                    f"Attachment point {want_device or att['device']} of instance "
+                    f"{want_iid or att['instance_id']} is not attached to volume {vid}",
                 )
             await self._detach(zone, vid, att["instance_id"], CALL_TIMEOUT)
         log.info("volume detached", extra={"volume": vid, "instance": att["instance_id"]})
