@@ -4,7 +4,7 @@ Layout under DIR (mode 0700)::
 
     cloud.json            the layout: nodes, their addresses, configs, URLs (read by eucactl)
     admin.token           the admin token (0600); each node's data dir holds a copy
-    eucarc                shell ``export`` lines (0600): EUARE_URL(S), AWS_ACCESS_KEY_ID,
+    eucarc                shell ``export`` lines (0600): EUARE_URL(S), EC2_URL(S), AWS_ACCESS_KEY_ID,
                           AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, KV_URL(S), EUCA_ADMIN_URL(S), ...
     pki/                  the development cluster CA and one certificate per node, and
                           credentials.key (0600): the cloud's key for access-key secrets at rest
@@ -16,14 +16,15 @@ Layout under DIR (mode 0700)::
 
 ``up`` (no ``--ha``): one process ``node-a`` hosting every component, the only voter.
 ``up --ha`` on a DIR that holds a non-HA cloud turns it into an HA one *online* (I3): it adds
-``node-b`` (backup of clc and kv, started with ``join: true``) and ``node-c`` (arbitrator),
+``node-b`` (backup of clc, kv, walrus and sc, started with ``join: true``) and ``node-c`` (arbitrator),
 rewrites ``node-a.yaml`` with the new peers and voters and reloads it (``POST /v1/reload``:
 node-a is never restarted), waits until every group's voters are {node-a, node-b, node-c}
 and node-b's instances are DISABLED and in sync, then rewrites cloud.json and eucarc.
-``up --ha``: ``node-a`` and ``node-b`` each host the ``clc``, ``kv`` and ``walrus`` groups (node-a is the
-preferred primary), ``node-c`` hosts an arbitrator; voters are node-a, node-b and node-c. Each
-process has its own loopback address (127.0.0.11, .12, .13), its own free ports and its own
-databases. Every clc host serves the IAM API (``api.iam``). ``up`` returns once every
+``up --ha``: ``node-a`` and ``node-b`` each host the ``clc``, ``kv``, ``walrus`` and ``sc/cluster01``
+groups (node-a is the preferred primary), ``node-c`` hosts an arbitrator; voters are node-a, node-b
+and node-c. Each process has its own loopback address (127.0.0.11, .12, .13), its own free ports
+and its own databases. Every clc host serves the IAM API (``api.iam``) and the EC2 API
+(``api.ec2``). ``up`` returns once every
 replicated group has an ENABLED instance and the clc has made the ``eucalyptus`` admin
 account; it then fetches the admin user's access key through the admin API
 (``/v1/iam/admin-credentials``) and writes it into eucarc (the key is made by the cloud,
@@ -72,6 +73,11 @@ REGION = "eucalyptus"
 CREDENTIAL_KEY = "pki/credentials.key"
 TOKEN = "admin.token"
 UP_TIMEOUT = 60.0
+CLUSTER = "cluster01"
+REPLICATED = ("clc", "kv", "walrus", "sc")
+"""Component types whose groups `up` waits to see ENABLED."""
+API_OF = (("kv", "kv"), ("iam", "clc"), ("ec2", "clc"), ("s3", "walrus"))
+"""(API listener, the component type that serves it)."""
 DOWN_GRACE = 8.0
 
 HA_NODES: dict[str, dict[str, Any]] = {
@@ -81,6 +87,7 @@ HA_NODES: dict[str, dict[str, Any]] = {
             {"type": "clc", "role": "primary"},
             {"type": "kv", "role": "primary"},
             {"type": "walrus", "role": "primary"},
+            {"type": "sc", "partition": CLUSTER, "role": "primary"},
         ],
     },
     "node-b": {
@@ -89,12 +96,21 @@ HA_NODES: dict[str, dict[str, Any]] = {
             {"type": "clc", "role": "backup"},
             {"type": "kv", "role": "backup"},
             {"type": "walrus", "role": "backup"},
+            {"type": "sc", "partition": CLUSTER, "role": "backup"},
         ],
     },
     "node-c": {"ip": "127.0.0.13", "components": [{"type": "arbitrator"}]},
 }
 SINGLE_NODES: dict[str, dict[str, Any]] = {
-    "node-a": {"ip": "127.0.0.11", "components": [{"type": "clc"}, {"type": "kv"}, {"type": "walrus"}]},
+    "node-a": {
+        "ip": "127.0.0.11",
+        "components": [
+            {"type": "clc"},
+            {"type": "kv"},
+            {"type": "walrus"},
+            {"type": "sc", "partition": CLUSTER},
+        ],
+    },
 }
 
 
@@ -163,12 +179,12 @@ class Layout:
         return [n.api[api] for n in self.nodes.values() if api in n.api]
 
     def groups(self) -> set[str]:
-        """The replicated groups this layout hosts (what `up` waits for)."""
+        """The replicated groups this layout hosts (what `up` waits for), e.g. ``sc/cluster01``."""
         return {
-            c["type"]
+            f"{c['type']}/{c['partition']}" if c.get("partition") else c["type"]
             for n in self.nodes.values()
             for c in n.components
-            if c["type"] in ("clc", "kv", "walrus")
+            if c["type"] in REPLICATED
         }
 
     def pid_file(self, node: str) -> Path:
@@ -279,7 +295,7 @@ def node_configs(
             "log_level": "info",
         }
         types = {c["type"] for c in spec["components"]}
-        api = {k: f"{ip}:{p[k]}" for k, t in (("kv", "kv"), ("iam", "clc"), ("s3", "walrus")) if t in types}
+        api = {k: f"{ip}:{p[k]}" for k, t in API_OF if t in types and k in p}
         if api:
             cfg["api"] = api
         if credential_key is not None and types & {"clc", "walrus"}:
@@ -303,6 +319,7 @@ def _create(root: Path, ha: bool) -> Layout:
             "admin": _free_port(spec["ip"]),
             "kv": _free_port(spec["ip"]),
             "iam": _free_port(spec["ip"]),
+            "ec2": _free_port(spec["ip"]),
             "s3": _free_port(spec["ip"]),
         }
         for n, spec in nodes.items()
@@ -366,6 +383,7 @@ def write_eucarc(layout: Layout, credentials: Mapping[str, Any] | None = None) -
     """DIR/eucarc (0600): ``source`` it to point clients and eucactl at this cloud."""
     kv = layout.api_urls("kv")
     iam = layout.api_urls("iam")
+    ec2 = layout.api_urls("ec2")
     s3 = layout.api_urls("s3")
     admin = layout.admin_urls()
     creds = credentials or {}
@@ -381,11 +399,15 @@ def write_eucarc(layout: Layout, credentials: Mapping[str, Any] | None = None) -
         "# IAM (euare): any URL serves (it forwards to the ENABLED clc)",
         f"export EUARE_URL={iam[0] if iam else ''}",
         f'export EUARE_URLS="{" ".join(iam)}"',
+        "# EC2: any URL serves (it forwards to the ENABLED clc)",
+        f"export EC2_URL={ec2[0] if ec2 else ''}",
+        f'export EC2_URLS="{" ".join(ec2)}"',
         "# S3 (walrus): any URL serves (it forwards to the ENABLED walrus)",
         f"export S3_URL={s3[0] if s3 else ''}",
         f'export S3_URLS="{" ".join(s3)}"',
         "export AWS_ENDPOINT_URL_S3=$S3_URL",
         "export AWS_ENDPOINT_URL_IAM=$EUARE_URL",
+        "export AWS_ENDPOINT_URL_EC2=$EC2_URL",
         f"# credentials of user {creds.get('user', 'admin')} of account {creds.get('account', 'eucalyptus')}",
         f"export AWS_ACCESS_KEY_ID={creds.get('access_key', '')}",
         f"export AWS_SECRET_ACCESS_KEY={creds.get('secret_key', '')}",
@@ -562,7 +584,8 @@ def add_ha_nodes(layout: Layout) -> Layout:
     new = {n: spec for n, spec in HA_NODES.items() if n not in layout.nodes}
     voters = list(HA_NODES)
     ports = {
-        n: {k: _free_port(spec["ip"]) for k in ("bus", "admin", "kv", "iam", "s3")} for n, spec in new.items()
+        n: {k: _free_port(spec["ip"]) for k in ("bus", "admin", "kv", "iam", "ec2", "s3")}
+        for n, spec in new.items()
     }
     bus = {"node-a": a_bus} | {n: f"{spec['ip']}:{ports[n]['bus']}" for n, spec in new.items()}
     doc = dict(layout.doc)
@@ -575,11 +598,7 @@ def add_ha_nodes(layout: Layout) -> Layout:
         cfg["components"] = spec["components"]
         cfg["log_level"] = "info"
         types = {c["type"] for c in spec["components"]}
-        api = {
-            k: f"{spec['ip']}:{ports[name][k]}"
-            for k, t in (("kv", "kv"), ("iam", "clc"), ("s3", "walrus"))
-            if t in types
-        }
+        api = {k: f"{spec['ip']}:{ports[name][k]}" for k, t in API_OF if t in types}
         if api:
             cfg["api"] = api
         if types & {"clc", "walrus"}:

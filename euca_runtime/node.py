@@ -1311,6 +1311,12 @@ class Node:
 
             apps.append((make_iam_app(self), iam_addr.host, iam_addr.port, "iam"))
             self.api_urls["iam"] = f"http://{iam_addr}"
+        ec2_addr = self.cfg.api.ec2
+        if ec2_addr is not None and "clc" in {i.type for i in self.instances.values()}:
+            from euca_runtime.services.ec2 import make_api_app as make_ec2_app
+
+            apps.append((make_ec2_app(self), ec2_addr.host, ec2_addr.port, "ec2"))
+            self.api_urls["ec2"] = f"http://{ec2_addr}"
         s3_addr = self.cfg.api.s3
         if s3_addr is not None and "walrus" in {i.type for i in self.instances.values()}:
             from euca_runtime.walrus.http import make_s3_app

@@ -271,6 +271,12 @@ class Ec2:
             }
         )
 
+    def has_cc(self, zone: str) -> bool:
+        """True when a cc instance of `zone` is registered (it may be failing over right now)."""
+        return any(
+            r["type"] == "cc" and r["partition"] == zone and r["registered"] for r in self.clc.registry()
+        )
+
     def group_enabled(self, type_: str, zone: str) -> bool:
         """True when the (type, zone) group has an ENABLED instance in this process's view."""
         node = getattr(self.ctx, "node", None)
@@ -715,6 +721,11 @@ class Ec2:
                 "InvalidParameterValue", f"MinCount ({min_count}) must not exceed MaxCount ({max_count})"
             )
         zone = self._zone(str(params.get("Placement.AvailabilityZone") or "") or None)
+        if not self.has_cc(zone):
+            raise _err(
+                "InsufficientInstanceCapacity",
+                f"There is no cluster controller registered in availability zone {zone}.",
+            )
         token = str(params.get("ClientToken") or "") or None
         if token is not None and len(token) > 64:
             raise _err("InvalidParameterValue", "ClientToken must be at most 64 characters")

@@ -53,16 +53,19 @@ class Cloud:
                     row_put_op(
                         "iam_account", {"name": "other", "account_id": "210987654321", "created_ts": 1.0}
                     ),
-                    registry_put_op(
-                        {
-                            "name": f"node-a.sc.{ZONE}",
-                            "type": "sc",
-                            "partition": ZONE,
-                            "node": "node-a",
-                            "host": None,
-                            "registered": True,
-                            "updated_ts": 1.0,
-                        }
+                    *(
+                        registry_put_op(
+                            {
+                                "name": f"node-a.{t}.{ZONE}",
+                                "type": t,
+                                "partition": ZONE,
+                                "node": "node-a",
+                                "host": None,
+                                "registered": True,
+                                "updated_ts": 1.0,
+                            }
+                        )
+                        for t in ("sc", "cc")
                     ),
                 ]
             )
@@ -377,3 +380,11 @@ def test_error_document_parses_as_ec2_error() -> None:
     parsed = PARSER.parse({"body": xml.encode(), "headers": {}, "status_code": 400}, op.output_shape)
     assert parsed["Error"]["Code"] == "InvalidInstanceID.NotFound"
     assert parsed["ResponseMetadata"]["RequestId"] == "rid-1"
+
+
+def test_run_without_a_registered_cc_is_refused_at_once(cloud: Cloud) -> None:
+    cloud.run(cloud.clc_ctx.write([{"op": "delete", "table": "registry", "name": f"node-a.cc.{ZONE}"}]))
+    res = cloud.api("RunInstances", ImageId=DEFAULT_IMAGE_ID, MinCount=1, MaxCount=1)
+    assert code(res) == "InsufficientInstanceCapacity"
+    assert cloud.api("DescribeInstances")["Reservations"] == [] and not cloud.cc.calls
+    assert cloud.api("DescribeAvailabilityZones")["AvailabilityZones"][0]["ZoneName"] == ZONE  # the sc's zone
