@@ -20,8 +20,9 @@ Layout under DIR (mode 0700)::
 rewrites ``node-a.yaml`` with the new peers and voters and reloads it (``POST /v1/reload``:
 node-a is never restarted), waits until every group's voters are {node-a, node-b, node-c}
 and node-b's instances are DISABLED and in sync, then rewrites cloud.json and eucarc.
-``up --ha``: ``node-a`` and ``node-b`` each host the ``clc``, ``kv`` and ``walrus`` groups (node-a is the
-preferred primary), ``node-c`` hosts an arbitrator; voters are node-a, node-b and node-c. Each
+``up --ha``: ``node-a`` and ``node-b`` each host the ``clc``, ``kv``, ``walrus`` and
+``cc/cluster01`` groups (node-a is the preferred primary), ``node-c`` hosts an arbitrator and
+the NC of ``cluster01``; voters are node-a, node-b and node-c. Each
 process has its own loopback address (127.0.0.11, .12, .13), its own free ports and its own
 databases. Every clc host serves the IAM API (``api.iam``). ``up`` returns once every
 replicated group has an ENABLED instance and the clc has made the ``eucalyptus`` admin
@@ -74,6 +75,11 @@ TOKEN = "admin.token"
 UP_TIMEOUT = 60.0
 DOWN_GRACE = 8.0
 
+CLUSTER = "cluster01"
+"""The one cluster (availability zone) of a local cloud."""
+LOCAL_NC_OPTIONS: dict[str, Any] = {"cores": 8, "memory_mib": 8192, "disk_gib": 100, "driver": "process"}
+"""The capacity a local cloud's NC offers (placeholder processes cost next to nothing)."""
+
 HA_NODES: dict[str, dict[str, Any]] = {
     "node-a": {
         "ip": "127.0.0.11",
@@ -81,6 +87,7 @@ HA_NODES: dict[str, dict[str, Any]] = {
             {"type": "clc", "role": "primary"},
             {"type": "kv", "role": "primary"},
             {"type": "walrus", "role": "primary"},
+            {"type": "cc", "partition": CLUSTER, "role": "primary"},
         ],
     },
     "node-b": {
@@ -89,12 +96,28 @@ HA_NODES: dict[str, dict[str, Any]] = {
             {"type": "clc", "role": "backup"},
             {"type": "kv", "role": "backup"},
             {"type": "walrus", "role": "backup"},
+            {"type": "cc", "partition": CLUSTER, "role": "backup"},
         ],
     },
-    "node-c": {"ip": "127.0.0.13", "components": [{"type": "arbitrator"}]},
+    "node-c": {
+        "ip": "127.0.0.13",
+        "components": [
+            {"type": "arbitrator"},
+            {"type": "nc", "partition": CLUSTER, "options": LOCAL_NC_OPTIONS},
+        ],
+    },
 }
 SINGLE_NODES: dict[str, dict[str, Any]] = {
-    "node-a": {"ip": "127.0.0.11", "components": [{"type": "clc"}, {"type": "kv"}, {"type": "walrus"}]},
+    "node-a": {
+        "ip": "127.0.0.11",
+        "components": [
+            {"type": "clc"},
+            {"type": "kv"},
+            {"type": "walrus"},
+            {"type": "cc", "partition": CLUSTER},
+            {"type": "nc", "partition": CLUSTER, "options": LOCAL_NC_OPTIONS},
+        ],
+    },
 }
 
 
@@ -163,13 +186,15 @@ class Layout:
         return [n.api[api] for n in self.nodes.values() if api in n.api]
 
     def groups(self) -> set[str]:
-        """The replicated groups this layout hosts (what `up` waits for)."""
-        return {
-            c["type"]
-            for n in self.nodes.values()
-            for c in n.components
-            if c["type"] in ("clc", "kv", "walrus")
-        }
+        """The leased groups this layout hosts (what `up` waits for)."""
+        out = set()
+        for n in self.nodes.values():
+            for c in n.components:
+                if c["type"] in ("clc", "kv", "walrus"):
+                    out.add(c["type"])
+                elif c["type"] == "cc":
+                    out.add(f"cc/{c['partition']}")
+        return out
 
     def pid_file(self, node: str) -> Path:
         return self.root / f"{node}.pid"
@@ -701,6 +726,12 @@ def down(root: Path | str, node: str | None = None, grace: float = DOWN_GRACE) -
     left = [n for n, t in targets.items() if alive(*t)]
     if left:
         raise UpError(f"processes of {', '.join(left)} are still running")
+    if node is None:  # the whole cloud: its instances (NC placeholder processes) go too
+        from euca_runtime.cluster.driver import kill_placeholders
+
+        for n in layout.nodes:
+            for state_dir in sorted((layout.data_dir(n) / "nc").glob("*")):
+                kill_placeholders(state_dir)
     for n in names:
         for path in (layout.pid_file(n), layout.supervisor_pid_file(n)):
             with contextlib.suppress(FileNotFoundError):
