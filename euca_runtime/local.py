@@ -16,15 +16,15 @@ Layout under DIR (mode 0700)::
 
 ``up`` (no ``--ha``): one process ``node-a`` hosting every component, the only voter.
 ``up --ha`` on a DIR that holds a non-HA cloud turns it into an HA one *online* (I3): it adds
-``node-b`` (backup of clc, kv, walrus and sc, started with ``join: true``) and ``node-c`` (arbitrator),
-rewrites ``node-a.yaml`` with the new peers and voters and reloads it (``POST /v1/reload``:
+``node-b`` (backup of clc, kv, walrus, sc and cc, started with ``join: true``) and ``node-c``
+(arbitrator), rewrites ``node-a.yaml`` with the new peers and voters and reloads it (``POST /v1/reload``:
 node-a is never restarted), waits until every group's voters are {node-a, node-b, node-c}
 and node-b's instances are DISABLED and in sync, then rewrites cloud.json and eucarc.
-``up --ha``: ``node-a`` and ``node-b`` each host the ``clc``, ``kv``, ``walrus`` and ``sc/cluster01``
-groups (node-a is the preferred primary), ``node-c`` hosts an arbitrator; voters are node-a, node-b
-and node-c. Each process has its own loopback address (127.0.0.11, .12, .13), its own free ports
-and its own databases. Every clc host serves the IAM API (``api.iam``) and the EC2 API
-(``api.ec2``). ``up`` returns once every
+``up --ha``: ``node-a`` and ``node-b`` each host the ``clc``, ``kv``, ``walrus``, ``sc/cluster01``
+and ``cc/cluster01`` groups (node-a is the preferred primary), ``node-c`` hosts an arbitrator and
+the NC of ``cluster01``; voters are node-a, node-b and node-c. Each process has its own loopback
+address (127.0.0.11, .12, .13), its own free ports and its own databases. Every clc host serves
+the IAM API (``api.iam``) and the EC2 API (``api.ec2``). ``up`` returns once every
 replicated group has an ENABLED instance and the clc has made the ``eucalyptus`` admin
 account; it then fetches the admin user's access key through the admin API
 (``/v1/iam/admin-credentials``) and writes it into eucarc (the key is made by the cloud,
@@ -73,12 +73,16 @@ REGION = "eucalyptus"
 CREDENTIAL_KEY = "pki/credentials.key"
 TOKEN = "admin.token"
 UP_TIMEOUT = 60.0
-CLUSTER = "cluster01"
-REPLICATED = ("clc", "kv", "walrus", "sc")
+LEASED = ("clc", "kv", "walrus", "sc", "cc")
 """Component types whose groups `up` waits to see ENABLED."""
 API_OF = (("kv", "kv"), ("iam", "clc"), ("ec2", "clc"), ("s3", "walrus"))
 """(API listener, the component type that serves it)."""
 DOWN_GRACE = 8.0
+
+CLUSTER = "cluster01"
+"""The one cluster (availability zone) of a local cloud."""
+LOCAL_NC_OPTIONS: dict[str, Any] = {"cores": 8, "memory_mib": 8192, "disk_gib": 100, "driver": "process"}
+"""The capacity a local cloud's NC offers (placeholder processes cost next to nothing)."""
 
 HA_NODES: dict[str, dict[str, Any]] = {
     "node-a": {
@@ -88,6 +92,7 @@ HA_NODES: dict[str, dict[str, Any]] = {
             {"type": "kv", "role": "primary"},
             {"type": "walrus", "role": "primary"},
             {"type": "sc", "partition": CLUSTER, "role": "primary"},
+            {"type": "cc", "partition": CLUSTER, "role": "primary"},
         ],
     },
     "node-b": {
@@ -97,9 +102,16 @@ HA_NODES: dict[str, dict[str, Any]] = {
             {"type": "kv", "role": "backup"},
             {"type": "walrus", "role": "backup"},
             {"type": "sc", "partition": CLUSTER, "role": "backup"},
+            {"type": "cc", "partition": CLUSTER, "role": "backup"},
         ],
     },
-    "node-c": {"ip": "127.0.0.13", "components": [{"type": "arbitrator"}]},
+    "node-c": {
+        "ip": "127.0.0.13",
+        "components": [
+            {"type": "arbitrator"},
+            {"type": "nc", "partition": CLUSTER, "options": LOCAL_NC_OPTIONS},
+        ],
+    },
 }
 SINGLE_NODES: dict[str, dict[str, Any]] = {
     "node-a": {
@@ -109,6 +121,8 @@ SINGLE_NODES: dict[str, dict[str, Any]] = {
             {"type": "kv"},
             {"type": "walrus"},
             {"type": "sc", "partition": CLUSTER},
+            {"type": "cc", "partition": CLUSTER},
+            {"type": "nc", "partition": CLUSTER, "options": LOCAL_NC_OPTIONS},
         ],
     },
 }
@@ -179,12 +193,12 @@ class Layout:
         return [n.api[api] for n in self.nodes.values() if api in n.api]
 
     def groups(self) -> set[str]:
-        """The replicated groups this layout hosts (what `up` waits for), e.g. ``sc/cluster01``."""
+        """The leased groups this layout hosts (what `up` waits for), e.g. ``sc/cluster01``."""
         return {
             f"{c['type']}/{c['partition']}" if c.get("partition") else c["type"]
             for n in self.nodes.values()
             for c in n.components
-            if c["type"] in REPLICATED
+            if c["type"] in LEASED
         }
 
     def pid_file(self, node: str) -> Path:
@@ -720,6 +734,12 @@ def down(root: Path | str, node: str | None = None, grace: float = DOWN_GRACE) -
     left = [n for n, t in targets.items() if alive(*t)]
     if left:
         raise UpError(f"processes of {', '.join(left)} are still running")
+    if node is None:  # the whole cloud: its instances (NC placeholder processes) go too
+        from euca_runtime.cluster.driver import kill_placeholders
+
+        for n in layout.nodes:
+            for state_dir in sorted((layout.data_dir(n) / "nc").glob("*")):
+                kill_placeholders(state_dir)
     for n in names:
         for path in (layout.pid_file(n), layout.supervisor_pid_file(n)):
             with contextlib.suppress(FileNotFoundError):
