@@ -231,9 +231,9 @@ class VolumeLoop:
                 with self._lock:
                     self.errors.append(str(exc))
 
-    def acked_after(self, t: float) -> bool:
+    def acked_after(self, t: float, n: int = 1) -> bool:
         with self._lock:
-            return any(at > t for _, at in self.volumes)
+            return sum(1 for _, at in self.volumes if at > t) >= n
 
     def __enter__(self) -> VolumeLoop:
         self._thread.start()
@@ -259,7 +259,12 @@ def test_kill9_of_the_sc_primary_loses_no_volume(ha_cloud: Cloud) -> None:
             timeout=30,
             what="the backup SC ENABLED",
         )
-        wait_until(lambda: loop.acked_after(killed), timeout=60, what="a volume made after the kill")
+        wait_until(lambda: loop.acked_after(killed, 3), timeout=90, what="volumes made after the kill")
+    after = sum(1 for _, at in loop.volumes if at > killed)
+    print(
+        f"volumes acknowledged: {len(loop.volumes)} ({after} after the kill), "
+        f"snapshots: {len(loop.snapshots)}"
+    )
     assert loop.errors == [], loop.errors
     volumes = {v["VolumeId"]: v for v in ec2.describe_volumes()["Volumes"]}
     acked = [v for v, _ in loop.volumes]
