@@ -67,6 +67,8 @@ DESCRIBE_TIMEOUT = 3.0
 API_TIMEOUT = 30.0
 """Budget of one forwarded action (covers a clc failover plus the CC/SC calls)."""
 RECONCILE_INTERVAL = 2.0
+RECONCILE_GRACE = 15.0
+"""The reconciler leaves a launch or a create younger than this to the request that made it."""
 TERMINATED_VISIBLE = 3600.0
 """A terminated instance stays visible this long (as in EC2), then DescribeInstances omits it."""
 MAX_BODY = 256 * 1024
@@ -345,24 +347,32 @@ class Ec2:
     async def _reconcile_loop(self) -> None:
         while True:
             try:
-                await self.reconcile()
+                await self.reconcile(grace=RECONCILE_GRACE)
             except (RequestError, ServiceUnavailable, StoreError, OSError) as exc:
                 log.warning("ec2 reconcile pass failed", extra={"reason": str(exc)})
             await asyncio.sleep(RECONCILE_INTERVAL)
 
-    async def reconcile(self, timeout: float = 5.0) -> int:
+    async def reconcile(self, timeout: float = 5.0, grace: float = 0.0) -> int:
         """Drive every record left in a transitional phase to its end (one pass); returns the
-        number of items driven. Failures are left for the next pass."""
+        number of items driven. Failures are left for the next pass. Launches and creates younger
+        than `grace` seconds are left alone (their request is driving them)."""
         done = 0
+        old = time.time() - grace
         instances = self._rows("ec2_instance")
         for phase, drive in (("launching", self._drive_launch), ("terminating", self._drive_terminate)):
-            for res in sorted({i["reservation_id"] for i in instances if i["phase"] == phase}):
+            for res in sorted(
+                {
+                    i["reservation_id"]
+                    for i in instances
+                    if i["phase"] == phase and (phase != "launching" or i["launch_ts"] < old)
+                }
+            ):
                 with contextlib.suppress(ServiceUnavailable, RequestError):
                     async with self._lock(res):
                         await drive(res, timeout=timeout)
                     done += 1
         for v in self._rows("ec2_volume"):
-            if v["phase"] in ("creating", "deleting"):
+            if v["phase"] == "deleting" or (v["phase"] == "creating" and v["created_ts"] < old):
                 with contextlib.suppress(ServiceUnavailable, RequestError):
                     async with self._lock(v["volume_id"]):
                         if v["phase"] == "creating":
@@ -371,7 +381,7 @@ class Ec2:
                             await self._drive_delete_volume(v["volume_id"], timeout=timeout)
                     done += 1
         for s in self._rows("ec2_snapshot"):
-            if s["phase"] in ("creating", "deleting"):
+            if s["phase"] == "deleting" or (s["phase"] == "creating" and s["created_ts"] < old):
                 with contextlib.suppress(ServiceUnavailable, RequestError):
                     async with self._lock(s["snapshot_id"]):
                         if s["phase"] == "creating":
@@ -776,9 +786,10 @@ class Ec2:
                     "reservation recorded",
                     extra={"reservation": res["reservation_id"], "instances": ids, "zone": zone},
                 )
-        res_id = res["reservation_id"]
-        async with self._lock(res_id):
-            await self._drive_launch(res_id, min_count=min_count)
+            # still under the request's lock: the reconciler cannot drive it first
+            res_id = res["reservation_id"]
+            async with self._lock(res_id):
+                await self._drive_launch(res_id, min_count=min_count)
         rows = self._instances_of(res_id)
         docs = [self._instance_doc(r, self._shown_state(r, {})) for r in rows]
         return self._reservation_doc(res, docs)
@@ -1000,13 +1011,14 @@ class Ec2:
                     "request_id": key,
                 }
                 await self._write([self._put("ec2_volume", row)])
-        vid = row["volume_id"]
-        async with self._lock(vid):
-            await self._drive_create_volume(vid)
-            current = self._row("ec2_volume", vid)
-            if current is None:
-                raise _err("InvalidVolume.NotFound", f"The volume '{vid}' does not exist.")
-            v = (await self._sc_volumes(current["zone"], [vid])).get(vid)
+            # still under the request's lock: the reconciler cannot drive it first
+            vid = row["volume_id"]
+            async with self._lock(vid):
+                await self._drive_create_volume(vid)
+                current = self._row("ec2_volume", vid)
+                if current is None:
+                    raise _err("InvalidVolume.NotFound", f"The volume '{vid}' does not exist.")
+                v = (await self._sc_volumes(current["zone"], [vid])).get(vid)
         log.info("volume created", extra={"volume": vid, "zone": zone, "size_gib": size})
         return self._volume_doc(current, v)
 
@@ -1301,13 +1313,14 @@ class Ec2:
                     "request_id": key,
                 }
                 await self._write([self._put("ec2_snapshot", row)])
-        sid = row["snapshot_id"]
-        async with self._lock(sid):
-            await self._drive_create_snapshot(sid)
-            current = self._row("ec2_snapshot", sid)
-            if current is None:
-                raise _err("InvalidSnapshot.NotFound", f"The snapshot '{sid}' does not exist.")
-            s = (await self._sc_snapshots(current["zone"], [sid])).get(sid)
+            # still under the request's lock: the reconciler cannot drive it first
+            sid = row["snapshot_id"]
+            async with self._lock(sid):
+                await self._drive_create_snapshot(sid)
+                current = self._row("ec2_snapshot", sid)
+                if current is None:
+                    raise _err("InvalidSnapshot.NotFound", f"The snapshot '{sid}' does not exist.")
+                s = (await self._sc_snapshots(current["zone"], [sid])).get(sid)
         log.info("snapshot created", extra={"snapshot": sid, "volume": vid})
         return self._snapshot_doc(current, s)
 

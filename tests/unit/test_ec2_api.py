@@ -237,6 +237,8 @@ def test_cc_unavailable_leaves_an_intent_the_reconciler_finishes(cloud: Cloud) -
     [inst] = [i for r in desc["Reservations"] for i in r["Instances"]]
     assert inst["State"]["Name"] == "pending" and not cloud.cc.instances
     cloud.cc.down = False
+    assert cloud.run(cloud.clc.ec2.reconcile(grace=3600)) == 0  # young: left to its request
+    assert not cloud.cc.instances
     assert cloud.run(cloud.clc.ec2.reconcile()) >= 1
     assert list(cloud.cc.instances) == [inst["InstanceId"]]
     # Same for a terminate cut short.
