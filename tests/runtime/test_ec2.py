@@ -20,7 +20,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
-from runtime_harness import Cloud, wait_until
+from runtime_harness import Cloud, run_cli, wait_until
 
 AWS = str(Path(sys.executable).parent / "aws")
 ZONE = "cluster01"
@@ -284,3 +284,45 @@ def test_kill9_of_the_sc_primary_loses_no_volume(ha_cloud: Cloud) -> None:
 
     wait_until(settled, timeout=30, what="no attachment left attaching or detaching")
     assert state_of(ec2, iid) == "running"
+
+
+def test_kill9_of_an_sc_primary_alone_then_its_return(ha_cloud: Cloud) -> None:
+    """The SC primary alone on node-b (switched over), the clc staying on node-a: kill -9 of
+    node-b under the volume loop; node-a's SC takes over with every acknowledged volume. node-b,
+    restarted, catches up and holds the same volume and snapshot files as the primary."""
+    proc = ha_cloud.ctl("switchover", f"sc/{ZONE}", "--to", f"node-b.sc.{ZONE}")
+    assert proc.returncode == 0, proc.stderr
+    wait_until(lambda: ha_cloud.enabled(f"sc/{ZONE}") == f"node-b.sc.{ZONE}", what="sc primary on node-b")
+    assert ha_cloud.enabled("clc") == "node-a.clc"
+    ec2 = client(ha_cloud, "node-a")
+    iid = run_one(ec2)
+    with VolumeLoop(ec2, iid) as loop:
+        wait_until(lambda: len(loop.volumes) >= 2, timeout=60, what="volumes made before the kill")
+        os.kill(ha_cloud.pid("node-b"), signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(
+            lambda: ha_cloud.enabled(f"sc/{ZONE}", via="node-a") == f"node-a.sc.{ZONE}",
+            timeout=30,
+            what="node-a's SC ENABLED",
+        )
+        wait_until(lambda: loop.acked_after(killed, 2), timeout=90, what="volumes made after the kill")
+    assert loop.errors == [], loop.errors
+    volumes = {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]}
+    assert {v for v, _ in loop.volumes} <= volumes
+    assert len(volumes) <= loop.attempts
+    snaps = {s["SnapshotId"] for s in ec2.describe_snapshots()["Snapshots"]}
+    assert {s for s, _ in loop.snapshots} <= snaps
+
+    run_cli("up", "--dir", str(ha_cloud.root), "--node", "node-b")
+    wait_until(
+        lambda: ha_cloud.service(f"node-b.sc.{ZONE}", via="node-a")["in_sync"],
+        timeout=60,
+        what="node-b's SC back in sync",
+    )
+
+    def files(node: str) -> tuple[set[str], set[str]]:
+        root = ha_cloud.root / node / "sc" / f"{node}.sc.{ZONE}"
+        vols = {p.name for p in (root / "volumes").iterdir()}
+        return vols, {p.name for p in (root / "snapshots").iterdir()}
+
+    wait_until(lambda: files("node-b") == files("node-a") == (volumes, snaps), timeout=30, what="same files")
