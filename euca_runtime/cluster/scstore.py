@@ -290,7 +290,7 @@ def unregister_files(url: Any) -> None:
 def _files(ctx: ApplyContext) -> VolumeFiles | None:
     bind = ctx.session.get_bind()
     with _FILES_LOCK:
-        return _FILES.get(_url_key(bind.url))
+        return _FILES.get(_url_key(bind.url))  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------- ops

@@ -135,7 +135,7 @@ class Sc(Component):
         else:
             self.files.committed(changes.position.seq)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         unregister_files(self._url)
 
     async def health(self) -> None:

@@ -107,7 +107,7 @@ class Cloud:
 
     def close(self) -> None:
         self.clc.ec2.on_disabled()
-        self.sc.close()
+        self.run(self.sc.close())
         self.clc_ctx.close()
         self.sc_ctx.close()
         self.loop.close()

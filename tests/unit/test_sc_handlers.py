@@ -24,7 +24,7 @@ def sc(tmp_path: Path) -> Iterator[Sc]:
     try:
         yield comp
     finally:
-        comp.close()
+        asyncio.run(comp.close())
         comp.ctx.close()  # type: ignore[attr-defined]
 
 
