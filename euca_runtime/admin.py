@@ -22,6 +22,11 @@ Routes (JSON in, JSON out; errors are ``{"error": TYPE, "message": ...}`` with 4
 ``GET  /v1/status``                         this node's status document
 ``GET  /v1/iam/admin-credentials``          ``{"account", "user", "access_key", "secret_key"}`` of the
                                             ``eucalyptus/admin`` user (what ``up`` puts in eucarc)
+``POST /v1/call``                           ``{"type", "partition"?, "method", "body"?, "timeout"?}``: one
+                                            bus call to the group's ENABLED instance, held across a
+                                            failover like any bus call (operators, tests), e.g.
+                                            ``cc``/``cluster01``/``cc.describe_instances``;
+                                            ``{"result": ...}``
 ``GET  /metrics``                           Prometheus text format
 ==========================================  ========================================================
 """
@@ -162,6 +167,22 @@ def make_admin_app(node: Node) -> web.Application:
         doc = await node.call("clc", None, "iam.admin_credentials", {}, timeout=min(max(timeout, 0.1), 60.0))
         return web.json_response(doc)
 
+    async def call(request: web.Request) -> web.Response:
+        body = await _body(request)
+        type_, method = body.get("type"), body.get("method")
+        partition = body.get("partition")
+        if not isinstance(type_, str) or not type_ or not isinstance(method, str) or not method:
+            return _err(400, "BadRequest", "call needs type and method (strings)")
+        if partition is not None and not isinstance(partition, str):
+            return _err(400, "BadRequest", "partition must be a string")
+        try:
+            timeout = min(max(float(body.get("timeout", 10.0)), 0.1), 120.0)
+        except (TypeError, ValueError):
+            return _err(400, "BadRequest", "timeout must be a number of seconds")
+        result = await node.call(type_, partition, method, body.get("body"), timeout=timeout)
+        log.info("admin call", extra={"group": f"{type_}/{partition}", "method": method})
+        return web.json_response({"result": result})
+
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(text=render_metrics(node), content_type="text/plain", charset="utf-8")
 
@@ -179,6 +200,7 @@ def make_admin_app(node: Node) -> web.Application:
     app.router.add_get("/v1/voters", voters)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/iam/admin-credentials", admin_credentials)
+    app.router.add_post("/v1/call", call)
     app.router.add_get("/metrics", metrics)
     return app
 

@@ -154,6 +154,9 @@ class Component:
     async def on_disabled(self) -> None:
         """Called when this instance stops being ENABLED."""
 
+    async def close(self) -> None:
+        """Called once when the process stops the instance (release child processes, files)."""
+
     async def _fault_point(self) -> None:
         if self.fault == "hang":
             await asyncio.Event().wait()  # never set: hang until cancelled
@@ -169,6 +172,9 @@ class ComponentType:
     factory: Callable[[InstanceContext], Component]
     partitioned: bool = False
     replicated: bool = True
+    """A leased primary/backup group. With a `store_component` its state is replicated; without
+    one it is *leased, stateless* (e.g. the CC proxy): one ENABLED instance, epochs and voters
+    as usual, and every healthy instance is a hot standby (nothing to catch up)."""
     store_component: str | None = None
     """The `euca_runtime.store` ComponentSpec name holding its tables (None: no state)."""
     description: str = ""

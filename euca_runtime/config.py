@@ -19,6 +19,7 @@ Example (every key shown; the optional ones with their defaults)::
       - {type: clc}
       - {type: sc, partition: cluster01, role: primary}   # role: auto | primary | backup
       - {type: kv, name: kv-main}     # name default: <node>.<type>[.<partition>]
+      - {type: nc, partition: cluster01, options: {cores: 8}}  # options: docs/cluster.md
     timing:                           # seconds
       heartbeat_interval: 0.1
       suspect_after: 1.0
@@ -113,6 +114,9 @@ class ComponentSpec:
     name: str
     partition: str | None = None
     role: str = "auto"  # a hint: "primary" = preferred primary, "backup" = never preferred
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    """Type-specific settings (``nc``: capacity and driver, ``cc``: poll interval; see
+    docs/cluster.md), validated at load by `euca_runtime.cluster.options`."""
 
 
 @dataclass(frozen=True)
@@ -369,7 +373,7 @@ def _components(value: Any, node: str) -> tuple[ComponentSpec, ...]:
     names: set[str] = set()
     for i, item in enumerate(_list(value, "components")):
         path = f"components[{i}]"
-        d = _mapping(item, path, ("type",), ("partition", "role", "name"))
+        d = _mapping(item, path, ("type",), ("partition", "role", "name", "options"))
         ctype = _choice(d["type"], f"{path}.type", COMPONENT_TYPES)
         partition = d.get("partition")
         if partition is not None:
@@ -381,14 +385,23 @@ def _components(value: Any, node: str) -> tuple[ComponentSpec, ...]:
         role = _choice(d.get("role", "auto"), f"{path}.role", ROLES)
         default_name = f"{node}.{ctype}" + (f".{partition}" if partition else "")
         name = _name(d["name"], f"{path}.name") if "name" in d else default_name
-        if (ctype, partition) in groups:
+        # NCs are independent (called by name): a process may host several (a simulated cluster).
+        if (ctype, partition) in groups and ctype != "nc":
             where = f" for partition {partition}" if partition else ""
             _fail(path, f"duplicate component: a second {ctype}{where} in this process")
         if name in names:
             _fail(f"{path}.name", "duplicate component name", name)
         groups.add((ctype, partition))
         names.add(name)
-        out.append(ComponentSpec(type=ctype, name=name, partition=partition, role=role))
+        options: dict[str, Any] = {}
+        if "options" in d:
+            from euca_runtime.cluster.options import check_options
+
+            try:
+                options = check_options(ctype, d["options"])
+            except ValueError as exc:
+                _fail(f"{path}.options", str(exc))
+        out.append(ComponentSpec(type=ctype, name=name, partition=partition, role=role, options=options))
     return tuple(out)
 
 
@@ -606,6 +619,7 @@ def config_to_dict(cfg: RuntimeConfig) -> dict[str, Any]:
         "components": [
             {"type": c.type, "name": c.name, "role": c.role}
             | ({"partition": c.partition} if c.partition is not None else {})
+            | ({"options": dict(c.options)} if c.options else {})
             for c in cfg.components
         ],
         "timing": {k: getattr(cfg.timing, k) for k in Timing.__dataclass_fields__},

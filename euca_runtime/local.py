@@ -4,7 +4,7 @@ Layout under DIR (mode 0700)::
 
     cloud.json            the layout: nodes, their addresses, configs, URLs (read by eucactl)
     admin.token           the admin token (0600); each node's data dir holds a copy
-    eucarc                shell ``export`` lines (0600): EUARE_URL(S), AWS_ACCESS_KEY_ID,
+    eucarc                shell ``export`` lines (0600): EUARE_URL(S), EC2_URL(S), AWS_ACCESS_KEY_ID,
                           AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, KV_URL(S), EUCA_ADMIN_URL(S), ...
     pki/                  the development cluster CA and one certificate per node, and
                           credentials.key (0600): the cloud's key for access-key secrets at rest
@@ -16,14 +16,15 @@ Layout under DIR (mode 0700)::
 
 ``up`` (no ``--ha``): one process ``node-a`` hosting every component, the only voter.
 ``up --ha`` on a DIR that holds a non-HA cloud turns it into an HA one *online* (I3): it adds
-``node-b`` (backup of clc and kv, started with ``join: true``) and ``node-c`` (arbitrator),
-rewrites ``node-a.yaml`` with the new peers and voters and reloads it (``POST /v1/reload``:
+``node-b`` (backup of clc, kv, walrus, sc and cc, started with ``join: true``) and ``node-c``
+(arbitrator), rewrites ``node-a.yaml`` with the new peers and voters and reloads it (``POST /v1/reload``:
 node-a is never restarted), waits until every group's voters are {node-a, node-b, node-c}
 and node-b's instances are DISABLED and in sync, then rewrites cloud.json and eucarc.
-``up --ha``: ``node-a`` and ``node-b`` each host the ``clc``, ``kv`` and ``walrus`` groups (node-a is the
-preferred primary), ``node-c`` hosts an arbitrator; voters are node-a, node-b and node-c. Each
-process has its own loopback address (127.0.0.11, .12, .13), its own free ports and its own
-databases. Every clc host serves the IAM API (``api.iam``). ``up`` returns once every
+``up --ha``: ``node-a`` and ``node-b`` each host the ``clc``, ``kv``, ``walrus``, ``sc/cluster01``
+and ``cc/cluster01`` groups (node-a is the preferred primary), ``node-c`` hosts an arbitrator and
+the NC of ``cluster01``; voters are node-a, node-b and node-c. Each process has its own loopback
+address (127.0.0.11, .12, .13), its own free ports and its own databases. Every clc host serves
+the IAM API (``api.iam``) and the EC2 API (``api.ec2``). ``up`` returns once every
 replicated group has an ENABLED instance and the clc has made the ``eucalyptus`` admin
 account; it then fetches the admin user's access key through the admin API
 (``/v1/iam/admin-credentials``) and writes it into eucarc (the key is made by the cloud,
@@ -74,9 +75,16 @@ TOKEN = "admin.token"
 UP_TIMEOUT = 60.0
 SHARED_IP = "127.0.0.10"
 """Where a local cloud's shared API addresses live (every process serving an API listens there)."""
-API_TYPES = {"kv": "kv", "iam": "clc", "s3": "walrus"}
+API_TYPES = {"kv": "kv", "iam": "clc", "ec2": "clc", "s3": "walrus"}
 """Each user API and the component type that serves it."""
+LEASED = ("clc", "kv", "walrus", "sc", "cc")
+"""Component types whose groups `up` waits to see ENABLED."""
 DOWN_GRACE = 8.0
+
+CLUSTER = "cluster01"
+"""The one cluster (availability zone) of a local cloud."""
+LOCAL_NC_OPTIONS: dict[str, Any] = {"cores": 8, "memory_mib": 8192, "disk_gib": 100, "driver": "process"}
+"""The capacity a local cloud's NC offers (placeholder processes cost next to nothing)."""
 
 HA_NODES: dict[str, dict[str, Any]] = {
     "node-a": {
@@ -85,6 +93,8 @@ HA_NODES: dict[str, dict[str, Any]] = {
             {"type": "clc", "role": "primary"},
             {"type": "kv", "role": "primary"},
             {"type": "walrus", "role": "primary"},
+            {"type": "sc", "partition": CLUSTER, "role": "primary"},
+            {"type": "cc", "partition": CLUSTER, "role": "primary"},
         ],
     },
     "node-b": {
@@ -93,12 +103,30 @@ HA_NODES: dict[str, dict[str, Any]] = {
             {"type": "clc", "role": "backup"},
             {"type": "kv", "role": "backup"},
             {"type": "walrus", "role": "backup"},
+            {"type": "sc", "partition": CLUSTER, "role": "backup"},
+            {"type": "cc", "partition": CLUSTER, "role": "backup"},
         ],
     },
-    "node-c": {"ip": "127.0.0.13", "components": [{"type": "arbitrator"}]},
+    "node-c": {
+        "ip": "127.0.0.13",
+        "components": [
+            {"type": "arbitrator"},
+            {"type": "nc", "partition": CLUSTER, "options": LOCAL_NC_OPTIONS},
+        ],
+    },
 }
 SINGLE_NODES: dict[str, dict[str, Any]] = {
-    "node-a": {"ip": "127.0.0.11", "components": [{"type": "clc"}, {"type": "kv"}, {"type": "walrus"}]},
+    "node-a": {
+        "ip": "127.0.0.11",
+        "components": [
+            {"type": "clc"},
+            {"type": "kv"},
+            {"type": "walrus"},
+            {"type": "sc", "partition": CLUSTER},
+            {"type": "cc", "partition": CLUSTER},
+            {"type": "nc", "partition": CLUSTER, "options": LOCAL_NC_OPTIONS},
+        ],
+    },
 }
 
 
@@ -172,12 +200,12 @@ class Layout:
         return [n.api[api] for n in self.nodes.values() if api in n.api]
 
     def groups(self) -> set[str]:
-        """The replicated groups this layout hosts (what `up` waits for)."""
+        """The leased groups this layout hosts (what `up` waits for), e.g. ``sc/cluster01``."""
         return {
-            c["type"]
+            f"{c['type']}/{c['partition']}" if c.get("partition") else c["type"]
             for n in self.nodes.values()
             for c in n.components
-            if c["type"] in ("clc", "kv", "walrus")
+            if c["type"] in LEASED
         }
 
     def pid_file(self, node: str) -> Path:
@@ -294,7 +322,7 @@ def node_configs(
             "log_level": "info",
         }
         types = _types(spec)
-        api = {k: f"{ip}:{p[k]}" for k, t in API_TYPES.items() if t in types}
+        api = {k: f"{ip}:{p[k]}" for k, t in API_TYPES.items() if t in types and k in p}
         if api:
             cfg["api"] = api
         shared = {k: v for k, v in (shared_api or {}).items() if k in api}
@@ -321,6 +349,7 @@ def _create(root: Path, ha: bool) -> Layout:
             "admin": _free_port(spec["ip"]),
             "kv": _free_port(spec["ip"]),
             "iam": _free_port(spec["ip"]),
+            "ec2": _free_port(spec["ip"]),
             "s3": _free_port(spec["ip"]),
         }
         for n, spec in nodes.items()
@@ -386,6 +415,7 @@ def write_eucarc(layout: Layout, credentials: Mapping[str, Any] | None = None) -
     """DIR/eucarc (0600): ``source`` it to point clients and eucactl at this cloud."""
     kv = layout.api_urls("kv")
     iam = layout.api_urls("iam")
+    ec2 = layout.api_urls("ec2")
     s3 = layout.api_urls("s3")
     admin = layout.admin_urls()
     creds = credentials or {}
@@ -401,6 +431,9 @@ def write_eucarc(layout: Layout, credentials: Mapping[str, Any] | None = None) -
         "# IAM (euare): any URL serves (it forwards to the ENABLED clc)",
         f"export EUARE_URL={iam[0] if iam else ''}",
         f'export EUARE_URLS="{" ".join(iam)}"',
+        "# EC2: any URL serves (it forwards to the ENABLED clc)",
+        f"export EC2_URL={ec2[0] if ec2 else ''}",
+        f'export EC2_URLS="{" ".join(ec2)}"',
         "# S3 (walrus): any URL serves (it forwards to the ENABLED walrus)",
         f"export S3_URL={s3[0] if s3 else ''}",
         f'export S3_URLS="{" ".join(s3)}"',
@@ -408,6 +441,7 @@ def write_eucarc(layout: Layout, credentials: Mapping[str, Any] | None = None) -
         "# (the kernel hands a connection to a live one), so one URL keeps working after a failover",
         f"export AWS_ENDPOINT_URL_S3={layout.shared_url('s3') or '$S3_URL'}",
         f"export AWS_ENDPOINT_URL_IAM={layout.shared_url('iam') or '$EUARE_URL'}",
+        f"export AWS_ENDPOINT_URL_EC2={layout.shared_url('ec2') or '$EC2_URL'}",
         f"# credentials of user {creds.get('user', 'admin')} of account {creds.get('account', 'eucalyptus')}",
         f"export AWS_ACCESS_KEY_ID={creds.get('access_key', '')}",
         f"export AWS_SECRET_ACCESS_KEY={creds.get('secret_key', '')}",
@@ -584,7 +618,8 @@ def add_ha_nodes(layout: Layout) -> Layout:
     new = {n: spec for n, spec in HA_NODES.items() if n not in layout.nodes}
     voters = list(HA_NODES)
     ports = {
-        n: {k: _free_port(spec["ip"]) for k in ("bus", "admin", "kv", "iam", "s3")} for n, spec in new.items()
+        n: {k: _free_port(spec["ip"]) for k in ("bus", "admin", "kv", "iam", "ec2", "s3")}
+        for n, spec in new.items()
     }
     bus = {"node-a": a_bus} | {n: f"{spec['ip']}:{ports[n]['bus']}" for n, spec in new.items()}
     doc = dict(layout.doc)
@@ -722,6 +757,12 @@ def down(root: Path | str, node: str | None = None, grace: float = DOWN_GRACE) -
     left = [n for n, t in targets.items() if alive(*t)]
     if left:
         raise UpError(f"processes of {', '.join(left)} are still running")
+    if node is None:  # the whole cloud: its instances (NC placeholder processes) go too
+        from euca_runtime.cluster.driver import kill_placeholders
+
+        for n in layout.nodes:
+            for state_dir in sorted((layout.data_dir(n) / "nc").glob("*")):
+                kill_placeholders(state_dir)
     for n in names:
         for path in (layout.pid_file(n), layout.supervisor_pid_file(n)):
             with contextlib.suppress(FileNotFoundError):

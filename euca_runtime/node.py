@@ -278,8 +278,16 @@ class Instance:
         self.group = group_key(spec.type, spec.partition)
         self.node_name = node.name
         self.role_hint = spec.role
+        self.options: dict[str, Any] = dict(spec.options)
+        """Type-specific settings from the configuration (``components[].options``)."""
         self.ctype = ctype
-        self.replicated = ctype.replicated and ctype.store_component is not None
+        self.replicated = ctype.replicated
+        """A leased primary/backup group (one ENABLED instance at a time, epochs, voters)."""
+        self.has_store = ctype.replicated and ctype.store_component is not None
+        """Leased *and* backed by a replicated store. A leased type without a store (the CC
+        proxy) is "leased, stateless": lease core and voters as usual, no replication; every
+        live, healthy instance is trivially in sync (DISABLED), and the lease holder is ready
+        to serve as soon as it is elected."""
         self.state = "NOTREADY"
         self.cause = "starting"
         self.since = time.time()
@@ -369,19 +377,7 @@ class Instance:
     async def call_peer(self, instance: str, method: str, body: dict[str, Any], *, timeout: float) -> Any:
         """Call `method` of the component's `peer_handlers` on another instance of the group,
         whatever its state (e.g. the primary streaming object bytes to its backups)."""
-        node = self.node.node_of(instance)
-        if node is None:
-            raise ServiceUnavailable(f"no route to {instance}", "Unavailable")
-        body = {**body, "instance": instance}
-        if node == self.node.name:
-            return await self.node.serve_peer(method, body, self.node.name, self._mono() + timeout)
-        assert self.node.endpoint is not None
-        try:
-            return await self.node.endpoint.request(node, "_peer", method, body, timeout=timeout)
-        except RemoteError as exc:
-            raise RequestError(exc.type, exc.message) from None
-        except (PeerUnavailable, DeadlineExceeded) as exc:
-            raise ServiceUnavailable(f"{instance}: {exc}", "Unavailable") from None
+        return await self.node.call_instance(instance, method, body, timeout=timeout)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -398,7 +394,7 @@ class Instance:
             self.stopped = True
             self.stop_reason = target.get("reason") or "operator"
         try:
-            if self.replicated:
+            if self.has_store:
                 url = _db_url(self.node.cfg, self.name)
 
                 def open_store() -> Store:
@@ -421,6 +417,17 @@ class Instance:
                 )
                 self.candidate.set_target(self.node.cfg.voters)
                 self._backup = ReplicationBackup(self.name, self.group, self._rstore, self.node.repl_config)
+            elif self.replicated:  # leased, stateless: a lease and nothing to replicate
+                self.candidate = Candidate(
+                    self.name,
+                    self.group,
+                    None if self.node.cfg.join else self.node.bootstrap_voters,
+                    self.node.lease_config,
+                    min_epoch=0,
+                    probe_voters=self.node.cfg.voters,
+                )
+                self.candidate.set_target(self.node.cfg.voters)
+                self.known_in_sync = True
             self.component = self.ctype.factory(self)
         except (StoreError, SQLAlchemyError, OSError, ValueError) as exc:
             self.broken = f"cannot open: {exc}"
@@ -450,6 +457,11 @@ class Instance:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.component is not None:
+            try:
+                await asyncio.wait_for(self.component.close(), 10.0)
+            except Exception:
+                log.exception("component close failed", extra={"service": self.name})
         with contextlib.suppress(Exception):
             await self._run(self._drop_replication)  # close open snapshots / staged installs
         self._exec.shutdown(wait=True, cancel_futures=True)
@@ -588,7 +600,7 @@ class Instance:
                     self.group_in_sync = sorted(p.recorded)
             self.recorded = p.recorded
             self.lags = {m: p.lag(m) for m in sorted(p.peers)}
-        else:
+        elif self.has_store:
             self.primary_ready = False
             self.recorded = None
             self.lags = {}
@@ -825,7 +837,14 @@ class Instance:
                 self.refusals.clear()
                 self.node.note(self.name, f"elected, epoch {ev.epoch}", ev.epoch)
                 members = self.node.members(self.group)
-                self._submit(functools.partial(self._job_become_primary, ev.epoch, members))
+                if self.has_store:
+                    self._submit(functools.partial(self._job_become_primary, ev.epoch, members))
+                else:  # leased, stateless: nothing to record or replicate, serve at once
+                    self.fence = max(self.fence, ev.epoch)
+                    self.primary_epoch = ev.epoch
+                    self.recorded = members
+                    self.group_in_sync = sorted(members)
+                    self.primary_ready = True
                 self.node.held_changed()
             elif isinstance(ev, SteppedDown):
                 self.node.metrics.step_downs[(self.group, ev.reason)] += 1
@@ -915,7 +934,11 @@ class Instance:
                 members = self.node.members(self.group)
                 if members != self._members:
                     self._members = members
-                    self._submit(functools.partial(self._job_members, members))
+                    if self.has_store:
+                        self._submit(functools.partial(self._job_members, members))
+                    elif self.primary_ready:
+                        self.recorded = members
+                        self.group_in_sync = sorted(members)
             elif cand.role is Role.FOLLOWER:
                 self._maybe_campaign(now)
         self.update_state()
@@ -1114,8 +1137,8 @@ class Instance:
         if not self.stopped:
             return
         self.stopped, self.stop_reason = False, ""
-        self.known_in_sync = False
-        if self.replicated:
+        self.known_in_sync = not self.has_store and self.replicated
+        if self.has_store:
             await self._submit(lambda: self._job_become_backup(reset=True))
         self.update_state()
 
@@ -1139,7 +1162,7 @@ class Instance:
         self.update_state()
         try:
             while (
-                not (await self._run(lambda: self._job_caught_up(target)))
+                not (not self.has_store or await self._run(lambda: self._job_caught_up(target)))
                 or self.pending
                 or self._write_queue
                 or self._writer_busy
@@ -1333,6 +1356,12 @@ class Node:
 
             apps.append((make_iam_app(self), iam_addr.host, iam_addr.port, "iam"))
             self.api_urls["iam"] = f"http://{iam_addr}"
+        ec2_addr = self.cfg.api.ec2
+        if ec2_addr is not None and "clc" in {i.type for i in self.instances.values()}:
+            from euca_runtime.services.ec2 import make_api_app as make_ec2_app
+
+            apps.append((make_ec2_app(self), ec2_addr.host, ec2_addr.port, "ec2"))
+            self.api_urls["ec2"] = f"http://{ec2_addr}"
         s3_addr = self.cfg.api.s3
         if s3_addr is not None and "walrus" in {i.type for i in self.instances.values()}:
             from euca_runtime.walrus.http import make_s3_app
@@ -1699,6 +1728,38 @@ class Node:
                 last = str(exc)
             await asyncio.sleep(min(0.01, max(0.0, deadline - loop_time())))
 
+    async def call_instance(self, instance: str, method: str, body: dict[str, Any], *, timeout: float) -> Any:
+        """Call `method` of the `peer_handlers` of one named instance, whatever its group and
+        state (no (type, partition) routing, no retry): a primary streaming bytes to a backup,
+        the CC calling each NC of its cluster. `RequestError` when the component refuses,
+        `ServiceUnavailable` when the instance or its node cannot be reached in time."""
+        node = self.node_of(instance)
+        if node is None:
+            raise ServiceUnavailable(f"no route to {instance}", "Unavailable")
+        body = {**body, "instance": instance}
+        if node == self.name:
+            try:
+                return await asyncio.wait_for(
+                    self.serve_peer(method, body, self.name, self.clock.monotonic() + timeout), timeout
+                )
+            except RemoteError as exc:
+                if exc.type == "NoSuchInstance":
+                    raise ServiceUnavailable(f"{instance}: {exc.message}", "Unavailable") from None
+                raise RequestError(exc.type, exc.message) from None
+            except TimeoutError:
+                raise ServiceUnavailable(
+                    f"{instance} did not answer within {timeout:g} s", "Unavailable"
+                ) from None
+        assert self.endpoint is not None
+        try:
+            return await self.endpoint.request(node, "_peer", method, body, timeout=timeout)
+        except RemoteError as exc:
+            if exc.type == "NoSuchInstance":
+                raise ServiceUnavailable(f"{instance}: {exc.message}", "Unavailable") from None
+            raise RequestError(exc.type, exc.message) from None
+        except (PeerUnavailable, DeadlineExceeded) as exc:
+            raise ServiceUnavailable(f"{instance}: {exc}", "Unavailable") from None
+
     # ------------------------------------------------------------------ topology
 
     def status_doc(self) -> dict[str, Any]:
@@ -1752,7 +1813,7 @@ class Node:
     def _observe_groups(self) -> None:
         """Tell local backups what the group's primary reports (its in-sync set)."""
         for inst in self.instances.values():
-            if not inst.replicated or inst.state == "ENABLED":
+            if not inst.has_store or inst.state == "ENABLED":
                 continue
             best: dict[str, Any] | None = None
             for node, view in self.views.items():

@@ -11,7 +11,12 @@ Identity (Alembic revision ``clc_0002``): accounts, users and access keys, table
 (``{"op": "put", "table": T, "row": {...}}`` / ``{"op": "delete", "table": T, "pk": [...]}``).
 Secret access keys are stored AES-GCM encrypted (`euca_runtime.credentials`). The IAM logic
 and its bus methods (``iam.*``) live in `euca_runtime.services.iam`; the ENABLED clc creates
-the ``eucalyptus`` account and its ``admin`` user and key on first boot. The EC2 API comes later.
+the ``eucalyptus`` account and its ``admin`` user and key on first boot.
+
+EC2 (Alembic revision ``clc_0003``): the user-visible records of the EC2 API, tables
+``ec2_image``, ``ec2_reservation``, ``ec2_instance``, ``ec2_volume`` and ``ec2_snapshot`` (same
+generic row ops). The logic and its bus method (``ec2.action``) live in
+`euca_runtime.services.ec2`; the ENABLED clc registers the default image on first boot.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Boolean, Float, LargeBinary, String
+from sqlalchemy import Boolean, Float, Integer, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from euca_runtime.component import (
@@ -89,12 +94,104 @@ class IamAccessKey(ClcBase):
     request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
+class Ec2Image(ClcBase):
+    """A registered machine image (``emi-...``); the default one is made at first boot."""
+
+    __tablename__ = "ec2_image"
+
+    image_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account: Mapped[str] = mapped_column(String(64), nullable=False)
+    owner_id: Mapped[str] = mapped_column(String(12), nullable=False)
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
+    description: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    location: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    architecture: Mapped[str] = mapped_column(String(16), nullable=False)
+    is_public: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    created_ts: Mapped[float] = mapped_column(Float, nullable=False)
+    request_id: Mapped[str | None] = mapped_column(String(160), nullable=True)
+
+
+class Ec2Reservation(ClcBase):
+    """One RunInstances call: its instances share it. ``request_id``: the client token or the
+    request's id (a retry finds its reservation instead of launching again)."""
+
+    __tablename__ = "ec2_reservation"
+
+    reservation_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account: Mapped[str] = mapped_column(String(64), nullable=False)
+    owner_id: Mapped[str] = mapped_column(String(12), nullable=False)
+    zone: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_ts: Mapped[float] = mapped_column(Float, nullable=False)
+    request_id: Mapped[str | None] = mapped_column(String(160), nullable=True)
+
+
+class Ec2Instance(ClcBase):
+    """An instance's user-visible record. ``phase`` is the clc's intent (``launching``,
+    ``launched``, ``terminating``, ``terminated``); ``state`` the last state the CC reported."""
+
+    __tablename__ = "ec2_instance"
+
+    instance_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    reservation_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    account: Mapped[str] = mapped_column(String(64), nullable=False)
+    image_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    instance_type: Mapped[str] = mapped_column(String(32), nullable=False)
+    zone: Mapped[str] = mapped_column(String(64), nullable=False)
+    launch_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    launch_ts: Mapped[float] = mapped_column(Float, nullable=False)
+    phase: Mapped[str] = mapped_column(String(16), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    node: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    client_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    terminated_ts: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Ec2Volume(ClcBase):
+    """A volume's owner record (the SC of its zone holds the volume). ``phase``: ``creating``,
+    ``created``, ``deleting``."""
+
+    __tablename__ = "ec2_volume"
+
+    volume_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account: Mapped[str] = mapped_column(String(64), nullable=False)
+    owner_id: Mapped[str] = mapped_column(String(12), nullable=False)
+    zone: Mapped[str] = mapped_column(String(64), nullable=False)
+    size_gib: Mapped[int] = mapped_column(Integer, nullable=False)
+    snapshot_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_ts: Mapped[float] = mapped_column(Float, nullable=False)
+    phase: Mapped[str] = mapped_column(String(16), nullable=False)
+    request_id: Mapped[str | None] = mapped_column(String(160), nullable=True)
+
+
+class Ec2Snapshot(ClcBase):
+    """A snapshot's owner record (the SC of its volume's zone holds the snapshot)."""
+
+    __tablename__ = "ec2_snapshot"
+
+    snapshot_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account: Mapped[str] = mapped_column(String(64), nullable=False)
+    owner_id: Mapped[str] = mapped_column(String(12), nullable=False)
+    volume_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    zone: Mapped[str] = mapped_column(String(64), nullable=False)
+    size_gib: Mapped[int] = mapped_column(Integer, nullable=False)
+    description: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_ts: Mapped[float] = mapped_column(Float, nullable=False)
+    phase: Mapped[str] = mapped_column(String(16), nullable=False)
+    request_id: Mapped[str | None] = mapped_column(String(160), nullable=True)
+
+
 CLC_SPEC = register_component(ComponentSpec("clc", ClcBase.metadata))
 
-_IAM_MODELS: dict[str, type[ClcBase]] = {
+_ROW_MODELS: dict[str, type[ClcBase]] = {
     "iam_account": IamAccount,
     "iam_user": IamUser,
     "iam_access_key": IamAccessKey,
+    "ec2_image": Ec2Image,
+    "ec2_reservation": Ec2Reservation,
+    "ec2_instance": Ec2Instance,
+    "ec2_volume": Ec2Volume,
+    "ec2_snapshot": Ec2Snapshot,
 }
 
 
@@ -107,19 +204,19 @@ def _pk(model: type[ClcBase]) -> list[str]:
 
 
 def row_put_op(table: str, row: Mapping[str, Any]) -> dict[str, Any]:
-    """Insert or replace one IAM row (every column explicit, so replicas agree exactly)."""
-    model = _IAM_MODELS[table]
+    """Insert or replace one IAM or EC2 row (every column explicit, so replicas agree exactly)."""
+    model = _ROW_MODELS[table]
     return {"op": "put", "table": table, "row": {c: row.get(c) for c in _columns(model)}}
 
 
 def row_delete_op(table: str, pk: Sequence[Any]) -> dict[str, Any]:
-    """Delete one IAM row by primary key (a no-op if absent)."""
+    """Delete one IAM or EC2 row by primary key (a no-op if absent)."""
     return {"op": "delete", "table": table, "pk": list(pk)}
 
 
 def _apply_row_put(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]]:
     table = str(op.get("table"))
-    model = _IAM_MODELS[table]
+    model = _ROW_MODELS[table]
     row = op.get("row")
     if not isinstance(row, Mapping):
         raise StoreError(f"{table} put needs a row mapping")
@@ -138,7 +235,7 @@ def _apply_row_put(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, A
 
 def _apply_row_delete(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]]:
     table = str(op.get("table"))
-    model = _IAM_MODELS[table]
+    model = _ROW_MODELS[table]
     pk = op.get("pk")
     if not isinstance(pk, list | tuple) or len(pk) != len(_pk(model)):
         raise StoreError(f"{table} delete needs pk {_pk(model)}")
@@ -150,7 +247,7 @@ def _apply_row_delete(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str
     return [undo]
 
 
-for _table in _IAM_MODELS:
+for _table in _ROW_MODELS:
     CLC_SPEC.register_applier(_table, "put", _apply_row_put)
     CLC_SPEC.register_applier(_table, "delete", _apply_row_delete)
 
@@ -202,15 +299,19 @@ class Clc(Component):
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
+        from euca_runtime.services.ec2 import Ec2
         from euca_runtime.services.iam import Identity
 
         self.identity = Identity(self)
+        self.ec2 = Ec2(self)
 
     async def on_enabled(self, epoch: int) -> None:
         self.identity.on_enabled(epoch)
+        self.ec2.on_enabled(epoch)
 
     async def on_disabled(self) -> None:
         self.identity.on_disabled()
+        self.ec2.on_disabled()
 
     def registry(self) -> list[dict[str, Any]]:
         """Every registry row (from the warm cache)."""
@@ -253,7 +354,12 @@ class Clc(Component):
                 await self.ctx.write(ops, request.expires_at)
             return {"changed": len(ops), "registry": self.registry()}
 
-        return {"list_registry": list_registry, "register": register, **self.identity.handlers()}
+        return {
+            "list_registry": list_registry,
+            "register": register,
+            **self.identity.handlers(),
+            **self.ec2.handlers(),
+        }
 
 
 CLC = register_type(
@@ -262,6 +368,6 @@ CLC = register_type(
         factory=Clc,
         replicated=True,
         store_component="clc",
-        description="cloud controller: service registry and identity (IAM); EC2 comes later",
+        description="cloud controller: service registry, identity (IAM) and the EC2 API",
     )
 )

@@ -37,8 +37,12 @@ def test_up_down_single_process_leaves_nothing_behind(tmp_path: Path) -> None:
             "node-a.clc": "ENABLED",
             "node-a.kv": "ENABLED",
             "node-a.walrus": "ENABLED",
+            "node-a.sc.cluster01": "ENABLED",
+            "node-a.cc.cluster01": "ENABLED",
+            "node-a.nc.cluster01": "ENABLED",
         }
         eucarc = (root / "eucarc").read_text()
+        assert f"export EC2_URL={cloud.layout.nodes['node-a'].api['ec2']}" in eucarc
         assert f"export KV_URL={cloud.kv_url('node-a')}" in eucarc
         assert f"export S3_URL={cloud.layout.nodes['node-a'].api['s3']}" in eucarc
         assert "export EUCA_ADMIN_TOKEN_FILE=" in eucarc
