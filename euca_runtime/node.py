@@ -133,6 +133,19 @@ EARLY_SEND_WAIT = 0.002
 to the backups before the primary goes on with its own commit (both hold the GIL otherwise)."""
 MAX_INFLIGHT_RECORDS = 2
 """Uncommitted change records the primary lets in flight; more writes wait and batch up."""
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+"""Most bytes (of op values, roughly) one group-committed change record carries, so a record
+stays well inside one bus frame (`bus.max_frame_bytes`, 16 MiB); a single bigger write goes
+alone."""
+
+
+def _ops_bytes(ops: Sequence[Mapping[str, Any]]) -> int:
+    """Rough encoded size of `ops`: their str/bytes values plus a little per field."""
+    size = 0
+    for op in ops:
+        for v in op.values():
+            size += len(v) + 8 if isinstance(v, bytes | str) else 16
+    return size
 
 
 def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
@@ -315,9 +328,9 @@ class Instance:
         self.refusals: dict[str, str] = {}
         self._campaign_refused: set[str] = set()
         self._recorded_changed = False
-        self._write_queue: collections.deque[tuple[list[dict[str, Any]], asyncio.Future[WriteResult]]] = (
-            collections.deque()
-        )
+        self._write_queue: collections.deque[
+            tuple[list[dict[str, Any]], asyncio.Future[WriteResult], int]
+        ] = collections.deque()
         self._writer_busy = False
         self._commit_progress = asyncio.Event()
         self.step_down_cause = ""
@@ -794,7 +807,7 @@ class Instance:
 
     def _fail_pending(self, why: str) -> None:
         while self._write_queue:
-            _, fut = self._write_queue.popleft()
+            _, fut, _ = self._write_queue.popleft()
             _fail(fut, ServiceUnavailable(f"{self.name}: {why} before the write was appended"))
         pending, self.pending = self.pending, {}
         self._commit_progress.set()
@@ -1004,7 +1017,8 @@ class Instance:
         if not self.can_serve():
             raise ServiceUnavailable(f"{self.name} is {self.state}, not ENABLED")
         done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        self._write_queue.append(([dict(op) for op in ops], done))
+        item_ops = [dict(op) for op in ops]
+        self._write_queue.append((item_ops, done, _ops_bytes(item_ops)))
         if not self._writer_busy:
             self._writer_busy = True
             self.node.spawn(self._drain_writes())
@@ -1025,13 +1039,15 @@ class Instance:
                 if not self._write_queue:
                     break
                 batch: list[tuple[list[dict[str, Any]], asyncio.Future[WriteResult]]] = []
-                n_ops = 0
-                while self._write_queue and (
-                    not batch or n_ops + len(self._write_queue[0][0]) <= MAX_BATCH_OPS
-                ):
-                    item = self._write_queue.popleft()
-                    batch.append(item)
-                    n_ops += len(item[0])
+                n_ops = n_bytes = 0
+                while self._write_queue:
+                    item_ops, fut, size = self._write_queue[0]
+                    if batch and (n_ops + len(item_ops) > MAX_BATCH_OPS or n_bytes + size > MAX_BATCH_BYTES):
+                        break  # the next record takes it
+                    self._write_queue.popleft()
+                    batch.append((item_ops, fut))
+                    n_ops += len(item_ops)
+                    n_bytes += size
                 try:
                     await self._append_batch(batch)
                 except (StoreError, SQLAlchemyError, ValueError, KeyError, TypeError) as exc:
