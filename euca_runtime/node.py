@@ -139,6 +139,19 @@ EARLY_SEND_WAIT = 0.002
 to the backups before the primary goes on with its own commit (both hold the GIL otherwise)."""
 MAX_INFLIGHT_RECORDS = 2
 """Uncommitted change records the primary lets in flight; more writes wait and batch up."""
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+"""Most bytes (of op values, roughly) one group-committed change record carries, so a record
+stays well inside one bus frame (`bus.max_frame_bytes`, 16 MiB); a single bigger write goes
+alone."""
+
+
+def _ops_bytes(ops: Sequence[Mapping[str, Any]]) -> int:
+    """Rough encoded size of `ops`: their str/bytes values plus a little per field."""
+    size = 0
+    for op in ops:
+        for v in op.values():
+            size += len(v) + 8 if isinstance(v, bytes | str) else 16
+    return size
 
 
 def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
@@ -332,9 +345,9 @@ class Instance:
         self.refusals: dict[str, str] = {}
         self._campaign_refused: set[str] = set()
         self._recorded_changed = False
-        self._write_queue: collections.deque[tuple[list[dict[str, Any]], asyncio.Future[WriteResult]]] = (
-            collections.deque()
-        )
+        self._write_queue: collections.deque[
+            tuple[list[dict[str, Any]], asyncio.Future[WriteResult], int]
+        ] = collections.deque()
         self._writer_busy = False
         self._commit_progress = asyncio.Event()
         self.step_down_cause = ""
@@ -528,6 +541,7 @@ class Instance:
             self._state_changed.set()
             self._state_changed = asyncio.Event()
             self.node.gossip_soon()
+            self.node.routes_changed()
             comp = self.component
             if comp is not None and (old == "ENABLED") != (state == "ENABLED"):
                 hook = comp.on_enabled(self.epoch) if state == "ENABLED" else comp.on_disabled()
@@ -817,7 +831,7 @@ class Instance:
 
     def _fail_pending(self, why: str) -> None:
         while self._write_queue:
-            _, fut = self._write_queue.popleft()
+            _, fut, _ = self._write_queue.popleft()
             _fail(fut, ServiceUnavailable(f"{self.name}: {why} before the write was appended"))
         pending, self.pending = self.pending, {}
         self._commit_progress.set()
@@ -873,7 +887,11 @@ class Instance:
             if not msg.granted:
                 self.refusals[msg.voter] = msg.reason + (f" (holder {msg.holder})" if msg.holder else "")
             out = cand.on_lease_reply(msg, now)
-            if cand.role is Role.CANDIDATE and msg.epoch == cand.epoch and not msg.granted:
+            # A "config" refusal is not a no: the reply carries the voters' newer configuration,
+            # which the candidate adopts and asks again with at once (a planned switchover's
+            # target always hits this, its predecessor having pinned the configuration).
+            refused = not msg.granted and msg.reason != "config"
+            if cand.role is Role.CANDIDATE and msg.epoch == cand.epoch and refused:
                 self._campaign_refused.add(msg.voter)
                 if cand.cannot_win(self._campaign_refused):
                     # A majority said no: this campaign cannot win. Give it up now (releasing
@@ -1044,7 +1062,8 @@ class Instance:
         if not self.can_serve():
             raise ServiceUnavailable(f"{self.name} is {self.state}, not ENABLED")
         done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        self._write_queue.append(([dict(op) for op in ops], done))
+        item_ops = [dict(op) for op in ops]
+        self._write_queue.append((item_ops, done, _ops_bytes(item_ops)))
         if not self._writer_busy:
             self._writer_busy = True
             self.node.spawn(self._drain_writes())
@@ -1065,13 +1084,15 @@ class Instance:
                 if not self._write_queue:
                     break
                 batch: list[tuple[list[dict[str, Any]], asyncio.Future[WriteResult]]] = []
-                n_ops = 0
-                while self._write_queue and (
-                    not batch or n_ops + len(self._write_queue[0][0]) <= MAX_BATCH_OPS
-                ):
-                    item = self._write_queue.popleft()
-                    batch.append(item)
-                    n_ops += len(item[0])
+                n_ops = n_bytes = 0
+                while self._write_queue:
+                    item_ops, fut, size = self._write_queue[0]
+                    if batch and (n_ops + len(item_ops) > MAX_BATCH_OPS or n_bytes + size > MAX_BATCH_BYTES):
+                        break  # the next record takes it
+                    self._write_queue.popleft()
+                    batch.append((item_ops, fut))
+                    n_ops += len(item_ops)
+                    n_bytes += size
                 try:
                     await self._append_batch(batch)
                 except (StoreError, SQLAlchemyError, ValueError, KeyError, TypeError) as exc:
@@ -1174,6 +1195,12 @@ class Instance:
                 await asyncio.sleep(0.002)
             self.hold_off_until = self._mono() + 4 * self.node.lease_config.duration
             self.step_down_cause = f"switched over to {target}"
+            # What the target needs to campaign right away: our epoch and the voter
+            # configuration we pinned (else its first round is refused as "config").
+            cfg = cand.voter_config
+            hint: dict[str, Any] = {"epoch": cand.epoch}
+            if cfg is not None:
+                hint["config"] = {"version": list(cfg.version), "sets": [sorted(x) for x in cfg.sets]}
             sends = cand.release(self._mono())
             self._after_lease()
             self.update_state()
@@ -1181,7 +1208,7 @@ class Instance:
         finally:
             self.handing_over = None
         try:
-            await self.node.request_takeover(target, self.group, deadline)
+            await self.node.request_takeover(target, self.group, deadline, hint)
         except RequestError:
             # The target cannot take over after all: take the lease back at once rather than
             # leave the group without a primary for the hold-off.
@@ -1190,8 +1217,11 @@ class Instance:
             self.backup_heard = -math.inf
             raise
 
-    def takeover(self) -> None:
-        """The primary released the lease for us: campaign now."""
+    def takeover(self, hint: Mapping[str, Any] | None = None) -> None:
+        """The primary released the lease for us: campaign now.
+
+        `hint` (from the releasing primary): its epoch and voter configuration, so that our
+        first round asks for the next epoch under the configuration the voters recorded."""
         if self.stopped or not self.healthy or self.candidate is None:
             raise RequestError("NotReady", f"{self.name} is {self.state} ({self.cause})")
         self.hold_off_until = 0.0
@@ -1201,6 +1231,13 @@ class Instance:
         cand = self.candidate
         if cand.role is Role.FOLLOWER:
             now = self._mono()
+            if hint:
+                with contextlib.suppress(TypeError, ValueError):
+                    cand.max_seen = max(cand.max_seen, int(hint.get("epoch") or 0))
+                cfg = hint.get("config")
+                if isinstance(cfg, Mapping):
+                    with contextlib.suppress(KeyError, TypeError, ValueError):
+                        cand._hear_config(tuple(cfg["version"]), cfg["sets"], now)
             self.node.send(cand.campaign(now, floor=self.fence))
             self._after_lease()
             self.next_campaign_at = now + self.node.lease_config.campaign_deadline + 0.02
@@ -1270,6 +1307,7 @@ class Node:
         self._runners: list[web.AppRunner] = []
         self._stopped = asyncio.Event()
         self._held_dirty = True
+        self._routes_changed = asyncio.Event()
         self.settled = not cfg.peers
         """True once the first gossip round has been answered (or failed) by every peer."""
         self.quiet_after = max(3 * cfg.timing.heartbeat_interval, 0.3)
@@ -1627,7 +1665,8 @@ class Node:
                 inst = self.instances.get(str(body.get("name")))
                 if inst is None:
                     raise RequestError("NotFound", f"{self.name} does not host {body.get('name')}")
-                inst.takeover()
+                hint = body.get("hint")
+                inst.takeover(hint if isinstance(hint, Mapping) else None)
                 return {"ok": True}
             if method == "force_promote":
                 return await self.force_promote_local(str(body.get("name")))
@@ -1698,7 +1737,7 @@ class Node:
                 raise ServiceUnavailable(f"{group}: {last}", "Unavailable")
             target = self.resolve(group)
             if target is None:
-                await asyncio.sleep(min(0.01, remaining))
+                await self._route_wait(min(0.01, remaining))
                 continue
             node, name = target
             try:
@@ -1726,7 +1765,7 @@ class Node:
                 last = str(exc)
             except (PeerUnavailable, DeadlineExceeded) as exc:
                 last = str(exc)
-            await asyncio.sleep(min(0.01, max(0.0, deadline - loop_time())))
+            await self._route_wait(min(0.01, max(0.0, deadline - loop_time())))
 
     async def call_instance(self, instance: str, method: str, body: dict[str, Any], *, timeout: float) -> Any:
         """Call `method` of the `peer_handlers` of one named instance, whatever its group and
@@ -1796,6 +1835,7 @@ class Node:
         ):
             return
         self.views[peer] = _View(dict(doc), self.clock.monotonic())
+        self.routes_changed()
         listen = doc.get("listen")
         ep = self.endpoint
         if ep is not None and isinstance(listen, list) and len(listen) == 2 and peer not in ep.peers:
@@ -1877,6 +1917,19 @@ class Node:
 
     def gossip_soon(self) -> None:
         self._gossip_wake.set()
+
+    def routes_changed(self) -> None:
+        """Wake the requests held in `call` (a state changed here or a peer's status arrived):
+        they retry at once instead of on their next poll."""
+        self._routes_changed.set()
+        self._routes_changed = asyncio.Event()
+
+    async def _route_wait(self, timeout: float) -> None:
+        """Sleep until the topology view changes, at most `timeout` seconds."""
+        if timeout <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._routes_changed.wait(), timeout)
 
     async def _gossip_loop(self) -> None:
         while True:
@@ -2203,11 +2256,15 @@ class Node:
             await asyncio.sleep(0.01)
         raise RequestError("Timeout", f"{to} did not become ENABLED within {timeout:g} s")
 
-    async def request_takeover(self, target: str, group: str, deadline: float) -> None:
+    async def request_takeover(
+        self, target: str, group: str, deadline: float, hint: Mapping[str, Any] | None = None
+    ) -> None:
         node = self.node_of(target)
         if node is None:
             raise RequestError("NotFound", f"no route to {target}")
-        body = {"name": target, "group": group}
+        body: dict[str, Any] = {"name": target, "group": group}
+        if hint:
+            body["hint"] = dict(hint)
         if node == self.name:
             await self._on_node_local("takeover", body)
             return

@@ -66,6 +66,21 @@ class ClientWrite:
     value: int
 
 
+@dataclass(frozen=True, slots=True)
+class Takeover:
+    """Planned switchover: the old holder released the lease for the target (the real node's
+    ``_node/takeover`` request), telling it its epoch and the voter configuration it pinned."""
+
+    epoch: int
+    config_version: tuple[int, int] | None
+    config_sets: tuple[tuple[str, ...], ...]
+
+
+HANDOVER_TIMEOUT = 1.0
+"""A planned switchover whose target has not caught up by then is abandoned (the holder keeps
+the lease), like `eucactl switchover`'s timeout."""
+
+
 @dataclass
 class Factories:
     """How a node builds its protocol objects; broken variants substitute their own."""
@@ -159,6 +174,8 @@ class SimNode:
         self.pending: dict[int, ClientWrite] = {}
         self.next_campaign_at = 0.0
         self.announced_ready = False
+        self.handing_over: tuple[str, float] | None = None
+        """(target, deadline) of a planned switchover in progress: no new writes meanwhile."""
 
     # -- lifecycle
 
@@ -201,6 +218,7 @@ class SimNode:
 
     def crash(self) -> None:
         self.up = False
+        self.handing_over = None
         self.voter = self.candidate = None
         self.primary = self.backup = None
         self.pending = {}
@@ -215,6 +233,52 @@ class SimNode:
 
     def serving(self) -> bool:
         return self.is_writer() and self.primary is not None and self.primary.ready
+
+    def start_handover(self, target: str) -> bool:
+        """Planned switchover to `target` (DESIGN.md section 6): stop taking writes, wait until
+        `target` has everything (see `_drive_handover`), release, tell it to campaign."""
+        p = self.primary
+        if not self.serving() or self.handing_over is not None or p is None or target == self.name:
+            return False
+        if p.recorded is None or target not in p.recorded:
+            return False  # the real node refuses a target outside the in-sync set
+        self.handing_over = (target, self.now() + HANDOVER_TIMEOUT)
+        self._drive_handover(self.now())
+        return True
+
+    def _drive_handover(self, now: float) -> None:
+        if self.handing_over is None:
+            return
+        target, deadline = self.handing_over
+        p, cand = self.primary, self.candidate
+        if p is None or cand is None or not cand.is_writer(now) or now > deadline:
+            self.handing_over = None  # lost the lease meanwhile, or timed out: keep serving
+            return
+        peer = p.peers.get(target)
+        if peer is None or peer.acked < self.store.last_seq or p.commit_seq < self.store.last_seq:
+            return
+        cfg = cand.voter_config
+        hint = Takeover(
+            cand.epoch,
+            None if cfg is None else cfg.version,
+            () if cfg is None else tuple(tuple(sorted(x)) for x in cfg.sets),
+        )
+        self.handing_over = None
+        self.host.note(self, f"hands over to {target} (epoch {cand.epoch})")
+        self._emit(cand.release(now))
+        self.next_campaign_at = now + 4 * self.lease_config.duration  # let the target win
+        self.host.send(self.name, target, hint)
+
+    def _on_takeover(self, msg: Takeover, now: float) -> None:
+        cand = self.candidate
+        if cand is None or cand.role is not Role.FOLLOWER:
+            return
+        cand.max_seen = max(cand.max_seen, msg.epoch)
+        if msg.config_version is not None:
+            self._emit(cand._hear_config(msg.config_version, msg.config_sets, now))
+        self.host.note(self, "takes over (planned switchover)")
+        self._emit(cand.campaign(now, floor=self.store.fence_epoch))
+        self.next_campaign_at = now + self.lease_config.campaign_deadline + self.timing.backoff_min
 
     # -- plumbing
 
@@ -298,6 +362,7 @@ class SimNode:
         if self.primary is not None:
             self._emit(self.primary.tick(now))
             self._relay(now)
+            self._drive_handover(now)
         elif cand.role is Role.FOLLOWER:
             b = self.backup
             quiet = b is None or now - b.last_heard > self.timing.suspect_after
@@ -331,6 +396,7 @@ class SimNode:
         elif isinstance(msg, ReplicateAck):
             if self.primary is not None:
                 self._emit(self.primary.on_ack(msg, now))
+                self._drive_handover(now)
         elif isinstance(msg, CatchUpRequest):
             if self.primary is not None:
                 self._emit(self.primary.on_catch_up(msg, now))
@@ -341,6 +407,8 @@ class SimNode:
             self._emit(cand.observe_epoch(msg.epoch, now))
         elif isinstance(msg, ClientWrite):
             self._on_client_write(msg, now)
+        elif isinstance(msg, Takeover):
+            self._on_takeover(msg, now)
         else:
             raise TypeError(f"unexpected message {type(msg).__name__}")
         self._after_lease(now)
@@ -364,7 +432,7 @@ class SimNode:
 
     def _on_client_write(self, msg: ClientWrite, now: float) -> None:
         p, cand = self.primary, self.candidate
-        if p is None or cand is None or not p.ready or not cand.is_writer(now):
+        if p is None or cand is None or not p.ready or not cand.is_writer(now) or self.handing_over:
             return
         rec, sends = p.append([kv_put(msg.key, msg.value)], now)
         self.pending[rec.seq] = msg

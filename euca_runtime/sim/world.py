@@ -250,8 +250,8 @@ class World(Host):
         rng = self.rng
         names = sorted(self.nodes)
         kind = rng.choices(
-            ["partition", "one_way", "isolate", "pause", "crash", "loss", "heal"],
-            weights=[3, 3, 2, 3, 3, 1, 1],
+            ["partition", "one_way", "isolate", "pause", "crash", "loss", "heal", "switchover"],
+            weights=[3, 3, 2, 3, 3, 1, 1, 2],
         )[0]
         duration = rng.uniform(0.2, 3.0)
         if kind == "partition":
@@ -297,6 +297,15 @@ class World(Host):
             self.network.extra_loss = rng.uniform(0.2, 0.6)
             desc = f"loss burst {self.network.extra_loss:.2f} for {duration:.2f}s"
             self._push(self.time + duration, _ACTION, self._end_loss)
+        elif kind == "switchover":
+            serving = [n for n in self.nodes.values() if n.serving()]
+            others = sorted(n.name for n in self.nodes.values() if n.is_data and n not in serving)
+            if len(serving) != 1 or not others:
+                return
+            target = rng.choice(others)
+            if not serving[0].start_handover(target):
+                return
+            desc = f"switchover {serving[0].name} -> {target}"
         else:
             self.network.heal_all()
             desc = "heal network"

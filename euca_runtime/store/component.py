@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import MetaData, Table
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from euca_runtime.store.errors import StoreError, UnknownOp
@@ -63,6 +64,32 @@ OpApplier = Callable[[ApplyContext, Op], list[dict[str, Any]]]
 """Applies one op in the apply transaction; returns the ops that undo it."""
 
 
+@dataclass
+class CoreApplyContext:
+    """What a *core* applier gets: the Core connection of the apply transaction.
+
+    The lean write path (`ComponentSpec.register_core_applier`): no ORM unit of work, and the
+    applier reports the committed-to-be value of every row it changes with `changed` (the
+    cache gets exactly those after the commit, without reading them back).
+    """
+
+    conn: Connection
+    epoch: int
+    seq: int
+    component: ComponentSpec
+    rows: dict[str, dict[PrimaryKey, Mapping[str, Any] | None]] = field(default_factory=dict)
+
+    def changed(self, table: str, pk: PrimaryKey | Any, row: Mapping[str, Any] | None) -> None:
+        """Row `pk` of `table` now holds `row` (every column; None: deleted)."""
+        key = pk if isinstance(pk, tuple) else (pk,)
+        self.rows.setdefault(table, {})[key] = row
+
+
+CoreApplier = Callable[[CoreApplyContext, Op], list[dict[str, Any]]]
+"""Applies one op through Core statements; returns the undo ops, reports rows via `changed`.
+Must have exactly the effect (rows and undo ops) of the op's ORM applier."""
+
+
 class ComponentSpec:
     """A component's tables, Alembic branch and op appliers."""
 
@@ -85,6 +112,7 @@ class ComponentSpec:
         self.metadata = metadata
         self.branch = branch or name
         self._appliers: dict[tuple[str, str], OpApplier] = dict(appliers or {})
+        self._core: dict[tuple[str, str], CoreApplier] = {}
         self.lazy_tables = frozenset(lazy_tables)
         unknown = self.lazy_tables - set(metadata.tables)
         if unknown:
@@ -124,6 +152,42 @@ class ComponentSpec:
 
         return deco
 
+    def register_core_applier(self, table: str, op: str, fn: CoreApplier) -> None:
+        """Register a lean Core version of the (table, op) applier (which must exist).
+
+        `Store.apply` uses the Core appliers when every op of a record has one (one statement
+        or two per op instead of the ORM's unit of work); otherwise the ORM appliers.
+        """
+        self.table(table)
+        if (table, op) not in self._appliers:
+            raise StoreError(f"component {self.name}: a core applier needs the ORM applier of {table}/{op}")
+        self._core[(table, op)] = fn
+
+    def core_applier(self, table: str, op: str) -> Callable[[CoreApplier], CoreApplier]:
+        """Decorator form of `register_core_applier`."""
+
+        def deco(fn: CoreApplier) -> CoreApplier:
+            self.register_core_applier(table, op, fn)
+            return fn
+
+        return deco
+
+    def core_appliers_for(self, ops: Iterable[Op]) -> list[CoreApplier] | None:
+        """The Core applier of every op, or None if any op has none (use the ORM path)."""
+        core = self._core
+        if not core:
+            return None
+        out: list[CoreApplier] = []
+        for op in ops:
+            try:
+                fn = core.get((op["table"], op["op"]))
+            except (KeyError, TypeError):
+                return None
+            if fn is None:
+                return None
+            out.append(fn)
+        return out
+
     def lookup(self, op: Op) -> OpApplier:
         """The applier for one op; raises UnknownOp if there is none."""
         try:
@@ -138,9 +202,12 @@ class ComponentSpec:
     def derive(self, name: str, appliers: Mapping[tuple[str, str], OpApplier]) -> ComponentSpec:
         """A new spec over the same tables and branch with extra or replaced appliers."""
         merged = {**self._appliers, **appliers}
-        return ComponentSpec(
+        spec = ComponentSpec(
             name, self.metadata, branch=self.branch, appliers=merged, lazy_tables=self.lazy_tables
         )
+        # Core appliers stay only where the ORM applier they mirror is unchanged.
+        spec._core = {k: fn for k, fn in self._core.items() if k not in appliers}
+        return spec
 
 
 _REGISTRY: dict[str, ComponentSpec] = {}

@@ -64,13 +64,21 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.util.exc import CommandError
-from sqlalchemy import Engine, Table, create_engine, delete, event, func, inspect, select, tuple_
+from sqlalchemy import Engine, Table, bindparam, create_engine, delete, event, func, inspect, select, tuple_
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from euca_runtime.clock import Clock, RealClock
 from euca_runtime.log import get_logger
-from euca_runtime.store.component import ApplyContext, ComponentSpec, Op, PrimaryKey, get_component
+from euca_runtime.store.component import (
+    ApplyContext,
+    ComponentSpec,
+    CoreApplier,
+    CoreApplyContext,
+    Op,
+    PrimaryKey,
+    get_component,
+)
 from euca_runtime.store.errors import (
     Divergence,
     GapError,
@@ -86,6 +94,24 @@ log = get_logger("store")
 
 _FENCE = cast(Table, Fence.__table__)
 _CHANGELOG = cast(Table, ChangeLog.__table__)
+
+# Prebuilt statements of the lean (Core) write path; SQLAlchemy caches their compiled form.
+_Q_FENCE = select(_FENCE).where(_FENCE.c.group_name == bindparam("g")).with_for_update()
+_Q_LOG_EPOCH = select(_CHANGELOG.c.epoch).where(_CHANGELOG.c.seq == bindparam("s"))
+_I_LOG = _CHANGELOG.insert()
+_D_LOG_UPTO = delete(_CHANGELOG).where(_CHANGELOG.c.seq <= bindparam("s"))
+_U_FENCE = (
+    _FENCE.update()
+    .where(_FENCE.c.group_name == bindparam("g"))
+    .values(
+        epoch=bindparam("f_epoch"),
+        applied_epoch=bindparam("f_applied_epoch"),
+        applied_seq=bindparam("f_applied_seq"),
+        base_epoch=bindparam("f_base_epoch"),
+        base_seq=bindparam("f_base_seq"),
+        updated_ts=bindparam("f_ts"),
+    )
+)
 
 SNAPSHOT_FORMAT = 1
 """Version of the snapshot chunk format produced by `Store.export_snapshot`."""
@@ -578,6 +604,9 @@ class Store:
             raise StoreError(f"record of epoch {epoch} delivered under the older epoch {token}")
         op_list = [dict(op) for op in ops]
         blob = _pack(op_list)
+        core = spec.core_appliers_for(op_list)
+        if core is not None:
+            return self._apply_core(epoch, seq, op_list, core, blob, token, before_commit)
         with self._lock:
             with self._sessions() as session, session.begin():
                 f = self._fence_row(session, lock=True)
@@ -617,6 +646,125 @@ class Store:
             self._publish(Changes(position=Position(epoch, seq), rows=rows))
         return ApplyResult.APPLIED
 
+    def _core_log_and_fence(
+        self,
+        conn: Connection,
+        f: dict[str, Any],
+        logged: list[dict[str, Any]],
+        token: int,
+        now: float,
+    ) -> None:
+        """Core path: insert the log rows, trim the log, update the fence row (in `f`)."""
+        conn.execute(_I_LOG, logged)
+        last = logged[-1]
+        f["epoch"] = max(f["epoch"], token)
+        f["applied_epoch"], f["applied_seq"] = last["epoch"], last["seq"]
+        if self.log_keep is not None:
+            new_base = f["applied_seq"] - self.log_keep
+            if new_base > f["base_seq"]:
+                f["base_epoch"] = conn.execute(_Q_LOG_EPOCH, {"s": new_base}).scalar_one()
+                conn.execute(_D_LOG_UPTO, {"s": new_base})
+                f["base_seq"] = new_base
+        conn.execute(
+            _U_FENCE,
+            {
+                "g": self.group,
+                "f_epoch": f["epoch"],
+                "f_applied_epoch": f["applied_epoch"],
+                "f_applied_seq": f["applied_seq"],
+                "f_base_epoch": f["base_epoch"],
+                "f_base_seq": f["base_seq"],
+                "f_ts": now,
+            },
+        )
+
+    @staticmethod
+    def _core_epoch_at(conn: Connection, f: Mapping[str, Any], seq: int) -> int | None:
+        if seq == f["base_seq"]:
+            return int(f["base_epoch"])
+        if seq < f["base_seq"] or seq > f["applied_seq"]:
+            return None
+        return conn.execute(_Q_LOG_EPOCH, {"s": seq}).scalar_one_or_none()
+
+    def _apply_core(
+        self,
+        epoch: int,
+        seq: int,
+        op_list: list[dict[str, Any]],
+        core: list[CoreApplier],
+        blob: bytes,
+        token: int,
+        before_commit: Callable[[], None] | None,
+    ) -> ApplyResult:
+        """`apply` through the component's Core appliers (same checks, same effects)."""
+        spec = self._require_component()
+        with self._lock:
+            with self._writer.begin() as conn:
+                f = dict(conn.execute(_Q_FENCE, {"g": self.group}).one()._mapping)
+                if token < f["epoch"]:
+                    log.warning(
+                        "stale record rejected",
+                        extra={"group": self.group, "epoch": token, "fence": f["epoch"], "seq": seq},
+                    )
+                    raise StaleEpoch(token, f["epoch"])
+                if seq <= f["applied_seq"]:
+                    local = self._core_epoch_at(conn, f, seq)
+                    if local == epoch or (local is None and seq < f["base_seq"] and epoch <= f["base_epoch"]):
+                        return ApplyResult.ALREADY_APPLIED
+                    raise Divergence(seq, local, epoch)
+                if seq != f["applied_seq"] + 1:
+                    raise GapError(f["applied_seq"] + 1, seq)
+                ctx = CoreApplyContext(conn, epoch, seq, spec)
+                undo_per_op = [list(fn(ctx, op)) for fn, op in zip(core, op_list, strict=True)]
+                if before_commit is not None:
+                    before_commit()
+                undo = [u for undos in reversed(undo_per_op) for u in undos]
+                now = self.clock.wall()
+                row = {"seq": seq, "epoch": epoch, "ops": blob, "undo": _pack(undo), "ts": now}
+                self._core_log_and_fence(conn, f, [row], token, now)
+            self._publish(Changes(position=Position(epoch, seq), rows=ctx.rows))
+        return ApplyResult.APPLIED
+
+    def _apply_batch_core(
+        self, records: list[tuple[int, int, list[dict[str, Any]], list[CoreApplier]]], stamp: int
+    ) -> Position:
+        """`apply_batch` through the component's Core appliers (same checks, same effects)."""
+        spec = self._require_component()
+        with self._lock:
+            with self._writer.begin() as conn:
+                f = dict(conn.execute(_Q_FENCE, {"g": self.group}).one()._mapping)
+                if stamp < f["epoch"]:
+                    log.warning(
+                        "stale batch rejected",
+                        extra={
+                            "group": self.group,
+                            "epoch": stamp,
+                            "fence": f["epoch"],
+                            "seq": records[0][1],
+                        },
+                    )
+                    raise StaleEpoch(stamp, f["epoch"])
+                rows: dict[str, dict[PrimaryKey, Mapping[str, Any] | None]] = {}
+                logged: list[dict[str, Any]] = []
+                now = self.clock.wall()
+                last_seq = f["applied_seq"]
+                for epoch, seq, op_list, core in records:
+                    if seq <= last_seq:
+                        raise Divergence(seq, self._core_epoch_at(conn, f, seq), epoch)
+                    if seq != last_seq + 1:
+                        raise GapError(last_seq + 1, seq)
+                    ctx = CoreApplyContext(conn, epoch, seq, spec, rows)
+                    undo_per_op = [list(fn(ctx, op)) for fn, op in zip(core, op_list, strict=True)]
+                    undo = [u for undos in reversed(undo_per_op) for u in undos]
+                    logged.append(
+                        {"seq": seq, "epoch": epoch, "ops": _pack(op_list), "undo": _pack(undo), "ts": now}
+                    )
+                    last_seq = seq
+                self._core_log_and_fence(conn, f, logged, stamp, now)
+            position = Position(f["applied_epoch"], f["applied_seq"])
+            self._publish(Changes(position=position, rows=rows))
+        return position
+
     def apply_batch(self, records: Sequence[tuple[int, int, Sequence[Op]]], *, stamp: int) -> Position:
         """Apply consecutive new records ``(epoch, seq, ops)`` in ONE transaction (one fsync).
 
@@ -636,6 +784,15 @@ class Store:
                 raise StoreError(f"seq must be >= 1, got {seq}")
             if epoch > stamp:
                 raise StoreError(f"record of epoch {epoch} delivered under the older epoch {stamp}")
+        lists = [[dict(op) for op in ops] for _, _, ops in records]
+        cores = [spec.core_appliers_for(ops) for ops in lists]
+        if all(c is not None for c in cores):
+            todo = [
+                (e, s, ops, c)
+                for (e, s, _), ops, c in zip(records, lists, cores, strict=True)
+                if c is not None
+            ]
+            return self._apply_batch_core(todo, stamp)
         with self._lock:
             with self._sessions() as session, session.begin():
                 f = self._fence_row(session, lock=True)

@@ -13,12 +13,12 @@ A `str` value is stored as its UTF-8 bytes; reads always return bytes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, LargeBinary, String
+from sqlalchemy import BigInteger, LargeBinary, String, Table, bindparam, delete, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from euca_runtime.store.component import ApplyContext, ComponentSpec, register_component
+from euca_runtime.store.component import ApplyContext, ComponentSpec, CoreApplyContext, register_component
 from euca_runtime.store.errors import StoreError
 
 
@@ -59,14 +59,19 @@ def _key(op: Mapping[str, Any]) -> str:
     return key
 
 
-@KV.applier("kv", "put")
-def _apply_put(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]]:
-    key = _key(op)
+def _value(key: str, op: Mapping[str, Any]) -> bytes:
     value = op.get("value")
     if isinstance(value, str):
         value = value.encode()
     if not isinstance(value, bytes):
         raise StoreError(f"kv put {key!r}: value must be bytes or str, got {type(value).__name__}")
+    return value
+
+
+@KV.applier("kv", "put")
+def _apply_put(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]]:
+    key = _key(op)
+    value = _value(key, op)
     row = ctx.session.get(KvEntry, key)
     if row is None:
         version = op.get("version")
@@ -88,3 +93,41 @@ def _apply_delete(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, An
     undo = [put_op(key, row.value, row.version)]
     ctx.session.delete(row)
     return undo
+
+
+# The lean write path (Core statements, no ORM unit of work): the same effects and undo ops as
+# the appliers above, two statements per op; the rows go to the cache as written.
+_KV = cast(Table, KvEntry.__table__)
+_GET = select(_KV.c.value, _KV.c.version).where(_KV.c.key == bindparam("k"))
+_INSERT = _KV.insert()
+_UPDATE = _KV.update().where(_KV.c.key == bindparam("k")).values(value=bindparam("v"), version=bindparam("n"))
+_DELETE = delete(_KV).where(_KV.c.key == bindparam("k"))
+
+
+@KV.core_applier("kv", "put")
+def _core_put(ctx: CoreApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]]:
+    key = _key(op)
+    value = _value(key, op)
+    version = op.get("version")
+    old = ctx.conn.execute(_GET, {"k": key}).first()
+    if old is None:
+        undo = [delete_op(key)]
+        version = 1 if version is None else version
+        ctx.conn.execute(_INSERT, {"key": key, "value": value, "version": version})
+    else:
+        undo = [put_op(key, old.value, old.version)]
+        version = old.version + 1 if version is None else version
+        ctx.conn.execute(_UPDATE, {"k": key, "v": value, "n": version})
+    ctx.changed("kv", key, {"key": key, "value": value, "version": version})
+    return undo
+
+
+@KV.core_applier("kv", "delete")
+def _core_delete(ctx: CoreApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]]:
+    key = _key(op)
+    old = ctx.conn.execute(_GET, {"k": key}).first()
+    if old is None:
+        return []
+    ctx.conn.execute(_DELETE, {"k": key})
+    ctx.changed("kv", key, None)
+    return [put_op(key, old.value, old.version)]

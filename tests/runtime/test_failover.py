@@ -88,14 +88,19 @@ def test_switchover_under_load_loses_nothing_and_fails_no_request(ha_cloud: Clou
     wait_until(lambda: _settled(ha_cloud), what="HA settled")
     with Writer(ha_cloud, ["node-a", "node-b"], "sw", per_thread_rate=100) as writer:
         wait_until(lambda: writer.count() >= 20, what="writes flowing")
+        epoch = ha_cloud.service("node-a.kv")["epoch"]
         proc = ha_cloud.ctl("switchover", "kv", "--to", "node-b.kv")
         assert proc.returncode == 0, proc.stderr
         assert ha_cloud.enabled("kv") == "node-b.kv"
+        # The target's first campaign wins (it is told the epoch and the voter configuration
+        # the old primary pinned), so a switchover uses up exactly one epoch.
+        assert ha_cloud.service("node-b.kv")["epoch"] == epoch + 1
         n = writer.count()
         wait_until(lambda: writer.count() >= n + 20, what="writes after the switchover")
         proc = ha_cloud.ctl("modify-service", "node-b.kv", "--state", "DISABLED")  # and back again
         assert proc.returncode == 0, proc.stderr
         assert ha_cloud.enabled("kv") == "node-a.kv"
+        assert ha_cloud.service("node-a.kv")["epoch"] == epoch + 2
         n = writer.count()
         wait_until(lambda: writer.count() >= n + 20, what="writes after the second switchover")
     assert writer.errors == []

@@ -545,6 +545,68 @@ def test_divergent_suffix_discard_converges(
     assert old.snapshot_digest() == new.snapshot_digest()
 
 
+KV_ORM = ComponentSpec("kv", KvBase.metadata, appliers=KV.appliers)
+"""The kv component with its ORM appliers only (KV itself applies kv ops through Core)."""
+
+
+def _changes_log(store: Store) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    store.add_listener(lambda ch: seen.append({t: dict(rows) for t, rows in ch.rows.items()}))
+    return seen
+
+
+@DB_SETTINGS
+@given(history=records, batch=st.integers(min_value=1, max_value=4), back=st.integers(0, 12))
+def test_core_kv_path_equals_the_orm_path(
+    open_store: OpenStore, history: list[list[dict[str, Any]]], batch: int, back: int
+) -> None:
+    """The lean Core apply path of kv (records, batches, and undo through a truncate) has
+    exactly the effects of the ORM appliers: state, log, undo ops, and the rows published to
+    the cache."""
+    assert KV.core_appliers_for([put_op("k", b"v"), delete_op("k")]) is not None
+    assert KV_ORM.core_appliers_for([put_op("k", b"v")]) is None
+    clock = ManualClock()
+    core = open_store(log_keep=None, clock=clock)
+    orm = open_store(component=KV_ORM, log_keep=None, clock=clock)
+    published = {"core": _changes_log(core), "orm": _changes_log(orm)}
+    recs = [(1, seq, record) for seq, record in enumerate(history, start=1)]
+    for store in (core, orm):
+        for i in range(0, len(recs), batch):
+            part = recs[i : i + batch]
+            if len(part) == 1:
+                assert store.apply(*part[0]) is ApplyResult.APPLIED
+            else:
+                assert store.apply_batch(part, stamp=1) == Position(1, part[-1][1])
+        assert store.apply(*recs[-1]) is ApplyResult.ALREADY_APPLIED
+    assert published["core"] == published["orm"]
+    assert kv_state(core) == kv_state(orm)
+    assert core.read_log(0, limit=None) == orm.read_log(0, limit=None)
+    with core.engine.connect() as a, orm.engine.connect() as b:
+        undo = sa.text("SELECT seq, undo FROM changelog ORDER BY seq")
+        assert a.execute(undo).all() == b.execute(undo).all()
+    point = max(0, len(history) - back)
+    assert core.truncate_after(point) == orm.truncate_after(point)
+    assert kv_state(core) == kv_state(orm)
+    assert core.position() == orm.position()
+
+
+def test_core_kv_path_refuses_bad_ops_and_changes_nothing(open_store: OpenStore) -> None:
+    store = open_store()
+    store.apply(1, 1, [put_op("a", b"1")])
+    with pytest.raises(StoreError):
+        store.apply(1, 2, [put_op("b", b"2"), {"op": "put", "table": "kv", "key": "c", "value": 5}])
+    with pytest.raises(StoreError):
+        store.apply_batch([(1, 2, [put_op("b", b"2")]), (1, 3, [{"op": "delete", "table": "kv"}])], stamp=1)
+    with pytest.raises(StaleEpoch):
+        store.apply(0, 2, [put_op("b", b"2")], stamp=0)
+    with pytest.raises(GapError):
+        store.apply(1, 3, [put_op("b", b"2")])
+    assert kv_state(store) == {"a": (b"1", 1)}
+    assert store.position() == Position(1, 1)
+    assert store.apply(1, 2, [put_op("a", "x"), delete_op("zz")]) is ApplyResult.APPLIED
+    assert kv_state(store) == {"a": (b"x", 2)}
+
+
 # --- local state -----------------------------------------------------------------------------------
 
 
