@@ -107,6 +107,7 @@ from euca_runtime.replication import (
     SnapshotChunk,
     SnapshotPull,
 )
+from euca_runtime.routes import RouteVerdict, RouteView
 from euca_runtime.store import ObjectCache, Store, StoreError, sqlite_url
 from euca_runtime.tls import client_context, server_context, write_private
 from euca_runtime.transport import DeadlineExceeded, Endpoint, PeerUnavailable, RemoteError
@@ -325,6 +326,10 @@ class Instance:
         self._members: frozenset[str] = frozenset()
         self._tasks: list[asyncio.Task[Any]] = []
         self._state_changed = asyncio.Event()
+        self.route_evicted = False
+        """This instance gave up the lease because its route went DOWN (failback candidate)."""
+        self._failback_task: asyncio.Task[Any] | None = None
+        self._failback_next = 0.0
 
     # ------------------------------------------------------------------ context for the component
 
@@ -458,6 +463,8 @@ class Instance:
         """The ENABLED test, evaluated freshly (lease on our own clock) before serving."""
         if self.broken or self.stopped or not self.started or not self.healthy or self.component is None:
             return False
+        if self.route_block() is not None:
+            return False
         if not self.replicated:
             return True
         return self.is_writer(now) and self.primary_ready and self.handing_over is None
@@ -472,8 +479,12 @@ class Instance:
             return "NOTREADY", "starting"
         if not self.healthy:
             return "NOTREADY", self.health_cause
+        blocked = self.route_block()
+        if blocked is not None:
+            return "NOTREADY", blocked
         if not self.replicated:
-            return "ENABLED", "running"
+            note = getattr(self.component, "state_note", None)
+            return "ENABLED", "running" + (f"; {note()}" if callable(note) else "")
         cand = self.candidate
         assert cand is not None
         if cand.is_writer(now):
@@ -806,6 +817,7 @@ class Instance:
             return
         for ev in cand.drain_events():
             if isinstance(ev, Elected):
+                self.route_evicted = False
                 self.node.metrics.elections[self.group] += 1
                 if self.last_seq > 0 or self.fence > 0:
                     self.node.metrics.failovers[self.group] += 1
@@ -894,6 +906,9 @@ class Instance:
         now = self._mono()
         cand = self.candidate
         if cand is not None:
+            blocked = self.route_block()
+            if blocked is not None and cand.role is not Role.FOLLOWER:
+                self._route_give_up(blocked)
             self.node.send(cand.tick(now))
             self._after_lease()
             if cand.role is Role.HOLDER:
@@ -906,6 +921,7 @@ class Instance:
                     self._submit(functools.partial(self._job_members, members))
             elif cand.role is Role.FOLLOWER:
                 self._maybe_campaign(now)
+                self._maybe_failback(now)
         self.update_state()
 
     def _maybe_campaign(self, now: float) -> None:
@@ -913,6 +929,8 @@ class Instance:
         assert cand is not None
         if self.broken or self.stopped or not self.healthy or self.component is None:
             return
+        if self.route_block() is not None:
+            return  # our users cannot reach us: never campaign while our route is DOWN
         if now < self.next_campaign_at or now < self.hold_off_until:
             return
         if not self.force_next:
@@ -940,6 +958,53 @@ class Instance:
         node = self.node.node_of(self.following) if self.following else None
         ep = self.node.endpoint
         return node is not None and node != self.node.name and ep is not None and not ep.connected(node)
+
+    # ------------------------------------------------------------------ user routes (arbitrator)
+
+    def route_block(self) -> str | None:
+        """Why this instance may not serve nor campaign: a route that stands for this node is
+        DOWN (user-facing, i.e. replicated, types only). None otherwise."""
+        if not self.ctype.replicated:
+            return None
+        return self.node.route_block()
+
+    def _route_give_up(self, cause: str) -> None:
+        """Our users cannot reach us: release the lease and ask a hot standby to take it."""
+        cand = self.candidate
+        assert cand is not None
+        target = None
+        if cand.role is Role.HOLDER:
+            self.route_evicted = True
+            target = self.node.best_backup(self.group, exclude=self.name)
+        log.warning(
+            "route down: giving up the lease",
+            extra={"service": self.name, "epoch": cand.epoch, "reason": cause, "peer": target},
+        )
+        self._give_up(cause)
+        if target is not None:
+            self.node.spawn(self._ask_takeover(target))
+
+    async def _ask_takeover(self, target: str) -> None:
+        with contextlib.suppress(RequestError):
+            await self.node.request_takeover(target, self.group, self._mono() + 2.0)
+
+    def _maybe_failback(self, now: float) -> None:
+        """The failback policy of our routes says the primary may move back here now."""
+        if not self.route_evicted or self._failback_task is not None or now < self._failback_next:
+            return
+        if self.state != "DISABLED" or not self.node.failback_due(now):
+            return
+        self._failback_task = self.node.spawn(self._failback())
+
+    async def _failback(self) -> None:
+        try:
+            res = await self.node.switchover(self.group, self.name, timeout=5.0)
+            self.node.note(self.name, f"failback: the route is UP again, took over from {res.get('from')}", 0)
+        except (RequestError, ServiceUnavailable) as exc:
+            log.info("failback not done yet", extra={"service": self.name, "reason": str(exc)})
+            self._failback_next = self._mono() + 2.0
+        finally:
+            self._failback_task = None
 
     async def _health_loop(self) -> None:
         while True:
@@ -1149,6 +1214,9 @@ class Instance:
         """The primary released the lease for us: campaign now."""
         if self.stopped or not self.healthy or self.candidate is None:
             raise RequestError("NotReady", f"{self.name} is {self.state} ({self.cause})")
+        blocked = self.route_block()
+        if blocked is not None:
+            raise RequestError("RouteDown", f"{self.name} cannot take over: {blocked}")
         self.hold_off_until = 0.0
         self.next_campaign_at = 0.0
         self.backup_heard = -math.inf
@@ -1229,6 +1297,10 @@ class Node:
         """True once the first gossip round has been answered (or failed) by every peer."""
         self.quiet_after = max(3 * cfg.timing.heartbeat_interval, 0.3)
         """A peer silent this long is not a live primary (for campaign decisions)."""
+        self.routes = RouteView(self.name, stale_after=max(2.0, 2 * cfg.timing.suspect_after))
+        """The arbitrators' reports about the user routes that stand for this node."""
+        self._route_cache: tuple[float, str | None] = (-math.inf, None)
+        self._route_down: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1689,6 +1761,9 @@ class Node:
             "started": self.started_at,
             "instances": [i.status() for i in self.instances.values()],
         }
+        reports = self.local_route_reports()
+        if reports is not None:
+            doc["routes"] = reports
         clc = self.by_group.get("clc")
         if clc is not None and clc.state == "ENABLED" and clc.component is not None:
             doc["registry"] = clc.component.registry()  # type: ignore[attr-defined]
@@ -1707,6 +1782,9 @@ class Node:
         ):
             return
         self.views[peer] = _View(dict(doc), self.clock.monotonic())
+        if isinstance(doc.get("routes"), list):
+            self.routes.on_reports(peer, doc["routes"], self.clock.monotonic())
+            self._route_cache = (-math.inf, None)
         listen = doc.get("listen")
         ep = self.endpoint
         if ep is not None and isinstance(listen, list) and len(listen) == 2 and peer not in ep.peers:
@@ -1748,6 +1826,58 @@ class Node:
                 await asyncio.gather(*(self._push_status(p, doc) for p in self.cfg.peers))
         self._observe_groups()
         self.settled = True
+
+    # ------------------------------------------------------------------ user routes (arbitrator)
+
+    def local_route_reports(self) -> list[dict[str, Any]] | None:
+        """The route reports of the arbitrator hosted here (None: none, or not probing)."""
+        out: list[dict[str, Any]] | None = None
+        for inst in self.instances.values():
+            fn = getattr(inst.component, "route_reports", None)
+            reports = fn() if callable(fn) and inst.state == "ENABLED" else None
+            if reports is not None:
+                out = (out or []) + list(reports)
+        return out
+
+    def route_verdicts(self) -> dict[str, RouteVerdict]:
+        """Every route that stands for this node, as the arbitrators' reports combine."""
+        now = self.clock.monotonic()
+        local = self.local_route_reports()
+        if local is not None:
+            self.routes.on_reports(self.name, local, now)
+        verdicts = self.routes.evaluate(now)
+        for name, v in verdicts.items():
+            if self._route_down.get(name, False) != v.down:
+                old, new = ("UP", "DOWN") if v.down else ("DOWN", "UP")
+                self.events.append(
+                    ServiceEvent(time.time(), self.name, f"route:{name}", old, new, v.cause, 0)
+                )
+                (log.warning if v.down else log.info)(
+                    f"route {name} {new} for this node", extra={"route": name, "reason": v.cause}
+                )
+            self._route_down[name] = v.down
+        return verdicts
+
+    def route_block(self) -> str | None:
+        """Why this node's user-facing instances must not serve: its DOWN routes (None: none).
+        Evaluated at most once per `TICK` and whenever a report arrives."""
+        now = self.clock.monotonic()
+        at, cause = self._route_cache
+        if now - at < TICK:
+            return cause
+        down = [v for v in self.route_verdicts().values() if v.down]
+        cause = None
+        if down:
+            cause = "; ".join(
+                f"route {v.name} is DOWN ({v.cause})" for v in sorted(down, key=lambda v: v.name)
+            )
+        self._route_cache = (now, cause)
+        return cause
+
+    def failback_due(self, now: float) -> bool:
+        """Every route of this node is UP and its failback policy says move back now."""
+        verdicts = self.route_verdicts()
+        return bool(verdicts) and all(not v.down and v.failback.due(v.since, now) for v in verdicts.values())
 
     def live_primary(self, group: str, exclude: str) -> str | None:
         """An ENABLED instance of `group` on a peer we are connected to and heard just now."""
