@@ -289,7 +289,7 @@ class RouteVerdict:
     name: str
     down: bool
     since: float
-    """When this node last saw the verdict change (its own clock)."""
+    """When the report that changed the verdict reached this node (its own clock)."""
     cause: str = ""
     arbitrators: tuple[str, ...] = ()
     failback: Failback = field(default_factory=Failback)
@@ -357,7 +357,8 @@ class RouteView:
                 ups = sorted(r.arbitrator for r in voters if r.doc.get("state") == "UP")
                 cause = "UP (reported by " + ", ".join(ups) + ")"
             policy = Failback.strictest(Failback.from_doc(r.doc.get("failback")) for r in voters)
-            since = now if prev is None or prev.down != down else prev.since
+            changed_at = max(r.received for r in voters)  # the news arrived then
+            since = changed_at if prev is None or prev.down != down else prev.since
             self._verdicts[name] = RouteVerdict(name, down, since, cause, arbs, policy)
         return dict(self._verdicts)
 
