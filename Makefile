@@ -13,6 +13,7 @@ help:
 	@echo "make test   - the whole suite: lint, unit, integration, molecule"
 	@echo "make venv   - build .venv (no-op when current)"
 	@echo "make down   - remove the demo testbed"
+	@echo "make bench [BENCH=name] - run the benchmarks (all, or one), regenerate docs/performance.md"
 
 deps:
 	@scripts/install-deps.sh
@@ -58,6 +59,7 @@ down: venv
 
 bench: deps venv
 	$(BIN)/python -m benchmarks $(BENCH)
+	$(BIN)/python -m benchmarks.report
 
 faults: deps venv
 	$(BIN)/pytest -q tests/faults

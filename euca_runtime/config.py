@@ -205,6 +205,10 @@ class RuntimeConfig:
     timing: Timing = field(default_factory=Timing)
     routes: tuple[Route, ...] = ()
     api: ApiListeners = field(default_factory=ApiListeners)
+    shared_api: ApiListeners = field(default_factory=ApiListeners)
+    """Addresses every process serving an API listens on *together* (SO_REUSEPORT), so one
+    address reaches whichever of them is alive: a local cloud's single endpoint per API (on
+    hosts, a service VIP plays that part)."""
     bus: BusSettings = field(default_factory=BusSettings)
     log_level: str = "info"
     join: bool = False
@@ -502,9 +506,9 @@ def _routes(value: Any, node: str = "", peers: Mapping[str, Address] | None = No
     return tuple(out)
 
 
-def _api(value: Any) -> ApiListeners:
-    d = _mapping(value, "api", (), API_NAMES)
-    return ApiListeners(**{k: _address(v, f"api.{k}") for k, v in d.items() if v is not None})
+def _api(value: Any, key: str = "api") -> ApiListeners:
+    d = _mapping(value, key, (), API_NAMES)
+    return ApiListeners(**{k: _address(v, f"{key}.{k}") for k, v in d.items() if v is not None})
 
 
 def _bus(value: Any) -> BusSettings:
@@ -536,6 +540,7 @@ _OPTIONAL = (
     "log_level",
     "credential_key",
     "join",
+    "shared_api",
 )
 
 
@@ -563,6 +568,7 @@ def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
     timing = _timing(_opt(d, "timing", {}))
     routes = _routes(_opt(d, "routes", []), node, peers)
     api = _api(_opt(d, "api", {}))
+    shared_api = _api(_opt(d, "shared_api", {}), "shared_api")
     bus = _bus(_opt(d, "bus", {}))
     log_level = _choice(_opt(d, "log_level", "info"), "log_level", LOG_LEVELS)
     join = _opt(d, "join", False)
@@ -573,6 +579,9 @@ def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
 
     listeners = [("listen", listen), ("admin", admin)]
     listeners += [(f"api.{k}", getattr(api, k)) for k in API_NAMES if getattr(api, k) is not None]
+    listeners += [
+        (f"shared_api.{k}", getattr(shared_api, k)) for k in API_NAMES if getattr(shared_api, k) is not None
+    ]
     seen: dict[tuple[str, int], str] = {}
     for key, addr in listeners:
         if (addr.host, addr.port) in seen:
@@ -592,6 +601,7 @@ def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
         timing=timing,
         routes=routes,
         api=api,
+        shared_api=shared_api,
         bus=bus,
         log_level=log_level,
         join=join,
@@ -680,6 +690,9 @@ def config_to_dict(cfg: RuntimeConfig) -> dict[str, Any]:
             for r in cfg.routes
         ],
         "api": {k: str(getattr(cfg.api, k)) for k in API_NAMES if getattr(cfg.api, k) is not None},
+        "shared_api": {
+            k: str(getattr(cfg.shared_api, k)) for k in API_NAMES if getattr(cfg.shared_api, k) is not None
+        },
         "bus": {k: getattr(cfg.bus, k) for k in BusSettings.__dataclass_fields__},
         "log_level": cfg.log_level,
         "join": cfg.join,

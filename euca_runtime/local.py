@@ -79,6 +79,10 @@ REGION = "eucalyptus"
 CREDENTIAL_KEY = "pki/credentials.key"
 TOKEN = "admin.token"
 UP_TIMEOUT = 60.0
+SHARED_IP = "127.0.0.10"
+"""Where a local cloud's shared API addresses live (every process serving an API listens there)."""
+API_TYPES = {"kv": "kv", "iam": "clc", "s3": "walrus"}
+"""Each user API and the component type that serves it."""
 DOWN_GRACE = 8.0
 ROUTE_SETTINGS: dict[str, Any] = {"interval": 0.5, "threshold": 3, "recover": 3, "timeout": 0.4}
 """Probe settings of the local cloud's user routes (detection in about 1.5 s)."""
@@ -171,6 +175,11 @@ class Layout:
     def admin_urls(self) -> list[str]:
         return [n.admin for n in self.nodes.values()]
 
+    def shared_url(self, api: str) -> str | None:
+        """The API's shared address (every serving process listens on it), if the cloud has one."""
+        addr = (self.doc.get("shared_api") or {}).get(api)
+        return f"http://{addr}" if addr else None
+
     def api_urls(self, api: str) -> list[str]:
         return [n.api[api] for n in self.nodes.values() if api in n.api]
 
@@ -250,6 +259,10 @@ def _http_json(
 # --------------------------------------------------------------------------- creating a layout
 
 
+def _types(spec: Mapping[str, Any]) -> set[str]:
+    return {str(c["type"]) for c in spec["components"]}
+
+
 def node_configs(
     nodes: Mapping[str, Mapping[str, Any]],
     ports: Mapping[str, Mapping[str, int]],
@@ -258,6 +271,7 @@ def node_configs(
     data_dirs: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
     credential_key: str | None = None,
+    shared_api: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The `euca-runtime serve` configuration of every node of a cloud, as plain dicts.
 
@@ -267,8 +281,9 @@ def node_configs(
     voter and a peer of every other. `data_dirs` overrides the data dir (default: the node
     name, relative to the config file); `extra` is merged into every configuration (e.g.
     ``{"timing": {...}}``); `credential_key` is the path of the cloud's secret-key file, given
-    to every clc and walrus node. `up` uses it on loopback; the lossy-link test uses it for
-    testbed hosts.
+    to every clc and walrus node; `shared_api` maps an API to the address every node serving it
+    listens on together (``SO_REUSEPORT``). `up` uses it on loopback; the lossy-link test uses it
+    for testbed hosts.
     """
     voters = list(nodes)
     out: dict[str, dict[str, Any]] = {}
@@ -290,10 +305,13 @@ def node_configs(
             "components": [dict(c) for c in spec["components"]],
             "log_level": "info",
         }
-        types = {c["type"] for c in spec["components"]}
-        api = {k: f"{ip}:{p[k]}" for k, t in (("kv", "kv"), ("iam", "clc"), ("s3", "walrus")) if t in types}
+        types = _types(spec)
+        api = {k: f"{ip}:{p[k]}" for k, t in API_TYPES.items() if t in types}
         if api:
             cfg["api"] = api
+        shared = {k: v for k, v in (shared_api or {}).items() if k in api}
+        if shared:
+            cfg["shared_api"] = shared
         if credential_key is not None and types & {"clc", "walrus"}:
             cfg["credential_key"] = credential_key
         cfg.update(extra or {})
@@ -366,7 +384,9 @@ def _create(root: Path, ha: bool) -> Layout:
         }
         for n in nodes
     }
-    configs = node_configs(nodes, ports, tls, credential_key=CREDENTIAL_KEY)
+    served = {k for spec in nodes.values() for k, t in API_TYPES.items() if t in _types(spec)}
+    shared_api = {k: f"{SHARED_IP}:{_free_port(SHARED_IP)}" for k in sorted(served)}
+    configs = node_configs(nodes, ports, tls, credential_key=CREDENTIAL_KEY, shared_api=shared_api)
     doc: dict[str, Any] = {"version": 1, "mode": "ha" if ha else "single"}
     if ha:
         _add_routes(doc, configs, nodes)
@@ -389,7 +409,7 @@ def _create(root: Path, ha: bool) -> Layout:
             "voter": True,
             "components": spec["components"],
         }
-    doc["nodes"] = layout_nodes
+    doc.update(nodes=layout_nodes, shared_api=shared_api)
     (root / LAYOUT).write_text(json.dumps(doc, indent=2) + "\n")
     return Layout(root, doc)
 
@@ -438,8 +458,10 @@ def write_eucarc(layout: Layout, credentials: Mapping[str, Any] | None = None) -
         "# S3 (walrus): any URL serves (it forwards to the ENABLED walrus)",
         f"export S3_URL={s3[0] if s3 else ''}",
         f'export S3_URLS="{" ".join(s3)}"',
-        "export AWS_ENDPOINT_URL_S3=$S3_URL",
-        "export AWS_ENDPOINT_URL_IAM=$EUARE_URL",
+        "# AWS clients: each API's shared address, served by every process that serves the API",
+        "# (the kernel hands a connection to a live one), so one URL keeps working after a failover",
+        f"export AWS_ENDPOINT_URL_S3={layout.shared_url('s3') or '$S3_URL'}",
+        f"export AWS_ENDPOINT_URL_IAM={layout.shared_url('iam') or '$EUARE_URL'}",
         f"# credentials of user {creds.get('user', 'admin')} of account {creds.get('account', 'eucalyptus')}",
         f"export AWS_ACCESS_KEY_ID={creds.get('access_key', '')}",
         f"export AWS_SECRET_ACCESS_KEY={creds.get('secret_key', '')}",
@@ -687,14 +709,13 @@ def add_ha_nodes(layout: Layout) -> Layout:
         cfg["join"] = True  # added to a running cloud: learn each group's voters from the voters
         cfg["components"] = spec["components"]
         cfg["log_level"] = "info"
-        types = {c["type"] for c in spec["components"]}
-        api = {
-            k: f"{spec['ip']}:{ports[name][k]}"
-            for k, t in (("kv", "kv"), ("iam", "clc"), ("s3", "walrus"))
-            if t in types
-        }
+        types = _types(spec)
+        api = {k: f"{spec['ip']}:{ports[name][k]}" for k, t in API_TYPES.items() if t in types}
         if api:
             cfg["api"] = api
+        shared = {k: v for k, v in (layout.doc.get("shared_api") or {}).items() if k in api}
+        if shared:
+            cfg["shared_api"] = shared
         if types & {"clc", "walrus"}:
             cfg["credential_key"] = CREDENTIAL_KEY
         cfg.update(new_configs[name])  # an arbitrator's routes

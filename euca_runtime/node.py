@@ -119,6 +119,12 @@ GOSSIP_INTERVAL = 0.25
 TICK = 0.05
 """HA loop period: lease ticks, campaign decisions, state evaluation."""
 PROBE_INTERVAL = 0.5
+BOOT_GRACE = 10.0
+"""For this long after it starts, a backup (role hint ``backup``) that has not followed any
+primary yet leaves the first campaign to the group's preferred primary (the first host of a
+group): it waits while some peer has not been heard from yet or one is heard with that
+preferred primary still starting. A dead preferred primary therefore delays a cold boot by
+this much at most; once a primary was followed it delays nothing."""
 PROBE_TIMEOUT = 1.0
 """A health probe that has not answered by then makes the instance NOTREADY."""
 PROTO_TIMEOUT = 1.0
@@ -280,6 +286,9 @@ class Instance:
         self.since = time.time()
         self.broken: str | None = None
         self.started = False
+        self.started_at = 0.0
+        self.ever_followed = False
+        """Has followed a primary since it started (then the boot grace no longer applies)."""
         self.stopped = False
         self.stop_reason = ""
         self.healthy = False
@@ -424,6 +433,7 @@ class Instance:
         now = self._mono()
         delay = {"primary": (0.0, 0.05), "backup": (0.6, 0.9)}.get(self.role_hint, (0.15, 0.45))
         self.next_campaign_at = now + random.uniform(*delay)
+        self.started_at = now
         self.started = True
         self.update_state()
 
@@ -559,6 +569,7 @@ class Instance:
             "epoch": self.epoch,
             "replicated": self.replicated,
             "role": (cand.role.value if cand is not None else None),
+            "role_hint": self.role_hint,
             "in_sync": self.state == "ENABLED" or (self.known_in_sync and self.state == "DISABLED"),
             "in_sync_set": sorted(self.recorded)
             if self.recorded is not None and self.primary_ready
@@ -596,6 +607,7 @@ class Instance:
             self.backup_heard = b.last_heard
             self.synced_epoch = b.synced_epoch
             self.following = b.primary
+            self.ever_followed = self.ever_followed or b.primary is not None
             self.receiving = b.transfer
         else:
             self.following = None
@@ -944,6 +956,16 @@ class Instance:
                 return
             if self.node.live_primary(self.group, exclude=self.name) is not None:
                 return
+            if (
+                self.role_hint == "backup"
+                and not self.ever_followed
+                and now < self.started_at + BOOT_GRACE
+                and (
+                    not self.node.heard_every_peer()
+                    or self.node.preferred_primary_starting(self.group, exclude=self.name)
+                )
+            ):
+                return  # at boot the preferred primary (first host of the group) goes first
             if self.group_in_sync and self.name not in self.group_in_sync:
                 return  # the voters would refuse: we are known to be out of the in-sync set
         force, self.force_next = self.force_next, False
@@ -1396,11 +1418,17 @@ class Node:
 
             apps.append((make_s3_app(self), s3_addr.host, s3_addr.port, "s3"))
             self.api_urls["s3"] = f"http://{s3_addr}"
-        for app, host, port, _ in apps:
+        for app, host, port, name in apps:
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
+            shared = getattr(self.cfg.shared_api, name) if name is not None else None
+            if shared is not None:
+                # The same app on the API's shared address, with every other process serving it:
+                # the kernel hands each new connection to one of the live listeners.
+                both = web.TCPSite(runner, shared.host, shared.port, reuse_address=True, reuse_port=True)
+                await both.start()
             self._runners.append(runner)
 
     async def stop(self) -> None:
@@ -1886,6 +1914,29 @@ class Node:
         verdicts = self.route_verdicts()
         return bool(verdicts) and all(not v.down and v.failback.due(v.since, now) for v in verdicts.values())
 
+    def heard_every_peer(self) -> bool:
+        """Every configured peer has told us its topology at least once since we started."""
+        return all(peer in self.views for peer in self.cfg.peers)
+
+    def preferred_primary_starting(self, group: str, exclude: str) -> bool:
+        """A peer we hear hosts `group`'s preferred primary (role hint ``primary``), still starting."""
+        ep = self.endpoint
+        if ep is None:
+            return False
+        for node, view in self.views.items():
+            age = ep.heartbeat_age(node)
+            if not ep.connected(node) or age is None or age > self.quiet_after:
+                continue
+            for i in view.doc.get("instances", ()):
+                if (
+                    i.get("group") == group
+                    and i.get("role_hint") == "primary"
+                    and i.get("name") != exclude
+                    and i.get("state") in ("NOTREADY", "DISABLED")
+                ):
+                    return True
+        return False
+
     def live_primary(self, group: str, exclude: str) -> str | None:
         """An ENABLED instance of `group` on a peer we are connected to and heard just now."""
         ep = self.endpoint
@@ -2254,8 +2305,14 @@ class Node:
             raise RequestError("NotFound", f"{self.name} does not host {name!r}")
         if inst.state == "ENABLED":
             return {"name": name, "state": "ENABLED"}
-        inst.force_promote()
-        ok = await inst.wait_state(lambda i: i.state == "ENABLED", 2 * self.lease_config.duration + 2.0)
+        ok = False
+        for _ in range(3):
+            inst.force_promote()
+            ok = await inst.wait_state(lambda i: i.state == "ENABLED", 2 * self.lease_config.duration + 2.0)
+            # A voter that refused with `config` taught the candidate the group's newer voter
+            # configuration (e.g. right after a restart): the next forced campaign uses it.
+            if ok or not any(str(r).startswith("config") for r in inst.refusals.values()):
+                break
         if not ok:
             why = "; ".join(f"{v}: {r}" for v, r in sorted(inst.refusals.items())) or inst.cause
             raise RequestError("NotPromoted", f"{name} is {inst.state}; voters answered: {why}")

@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from euca_runtime.codec import Codec
 from euca_runtime.lease import Send
 from euca_runtime.log import get_logger
 
@@ -206,37 +207,39 @@ REPLICATION_MESSAGES: tuple[type, ...] = (
     SnapshotChunk,
     SnapshotPull,
 )
-_BY_NAME = {cls.__name__: cls for cls in REPLICATION_MESSAGES}
+
+
+def _encode_records(records: tuple[ChangeRecord, ...]) -> list[list[Any]]:
+    return [[r.epoch, r.seq, r.prev_epoch, [dict(op) for op in r.ops]] for r in records]
+
+
+def _decode_records(value: Any) -> tuple[ChangeRecord, ...]:
+    return tuple(
+        ChangeRecord(int(e), int(s), int(p), tuple(dict(op) for op in ops)) for e, s, p, ops in value
+    )
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+# Change records have their own shape; a snapshot chunk's rows travel exactly as the store made them.
+_CODEC = Codec(
+    "replication",
+    REPLICATION_MESSAGES,
+    encoders={"records": _encode_records, "data": _as_is},
+    decoders={"records": _decode_records, "data": _as_is},
+)
 
 
 def encode(msg: Any) -> dict[str, Any]:
-    """A plain dict (msgpack/JSON-able if the ops and snapshot state are) tagged with its type."""
-    if type(msg) not in REPLICATION_MESSAGES:
-        raise TypeError(f"not a replication message: {type(msg).__name__}")
-    doc: dict[str, Any] = {"type": type(msg).__name__}
-    for name in msg.__dataclass_fields__:
-        value = getattr(msg, name)
-        if name == "records":
-            value = [[r.epoch, r.seq, r.prev_epoch, [dict(op) for op in r.ops]] for r in value]
-        doc[name] = value
-    return doc
+    """A plain dict (msgpack/JSON-able if the ops and snapshot rows are) tagged with its type."""
+    return _CODEC.encode(msg)
 
 
 def decode(doc: Mapping[str, Any]) -> Any:
     """Inverse of `encode`; raises ValueError on anything malformed."""
-    cls = _BY_NAME.get(str(doc.get("type")))
-    if cls is None:
-        raise ValueError(f"unknown replication message type {doc.get('type')!r}")
-    kwargs = {k: v for k, v in doc.items() if k != "type"}
-    try:
-        if "records" in kwargs:
-            kwargs["records"] = tuple(
-                ChangeRecord(int(e), int(s), int(p), tuple(dict(op) for op in ops))
-                for e, s, p, ops in kwargs["records"]
-            )
-        return cls(**kwargs)
-    except (TypeError, KeyError, ValueError) as exc:
-        raise ValueError(f"bad {cls.__name__}: {exc}") from exc
+    return _CODEC.decode(doc)
 
 
 # --------------------------------------------------------------------------- storage

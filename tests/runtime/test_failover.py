@@ -12,7 +12,7 @@ import os
 import signal
 import time
 
-from runtime_harness import Cloud, Writer, run_cli, wait_until
+from runtime_harness import Cloud, Writer, http, run_cli, wait_until
 
 
 def _settled(cloud: Cloud, primary: str = "node-a", backup: str = "node-b") -> bool:
@@ -171,3 +171,31 @@ def test_whole_cloud_killed_and_restarted_comes_back_with_its_data(ha_cloud: Clo
         what="one ENABLED and one DISABLED per group again",
     )
     assert all(ha_cloud.get("node-a", f"keep{i}") == b"1" for i in range(10))
+
+
+def test_the_shared_api_address_keeps_answering_after_the_primary_dies(ha_cloud: Cloud) -> None:
+    """Every process serving kv also listens on the cloud's shared kv address (SO_REUSEPORT):
+    a client that only knows that one URL carries on after `kill -9` of node-a."""
+    wait_until(lambda: _settled(ha_cloud), what="HA settled")
+    shared = json.loads((ha_cloud.root / "cloud.json").read_text())["shared_api"]["kv"]
+    url = f"http://{shared}/kv"
+    for i in range(20):  # new connections land on either process; both forward to the primary
+        status, body = http("PUT", f"{url}/before-{i}", b"v", timeout=10)
+        assert status == 200, body
+    os.kill(ha_cloud.pid("node-a"), signal.SIGKILL)
+    for i in range(20):  # node-a's listener died with it: every connection reaches node-b now
+        # A connection the kernel queued on node-a's socket in its last instant is reset; a
+        # client retries that (as botocore does), and nothing else may fail.
+        status, body = wait_until(
+            lambda i=i: http("PUT", f"{url}/after-{i}?timeout=10", b"w", timeout=20),
+            timeout=30,
+            what=f"PUT after-{i} through the shared address",
+        )
+        assert status == 200, body
+    assert ha_cloud.enabled("kv", via="node-b") == "node-b.kv"
+    for key in [f"before-{i}" for i in range(20)] + [f"after-{i}" for i in range(20)]:
+        status, _ = http("GET", f"{url}/{key}", timeout=10)
+        assert status == 200, key
+    eucarc = (ha_cloud.root / "eucarc").read_text()
+    s3_shared = json.loads((ha_cloud.root / "cloud.json").read_text())["shared_api"]["s3"]
+    assert f"export AWS_ENDPOINT_URL_S3=http://{s3_shared}" in eucarc
