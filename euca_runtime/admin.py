@@ -300,6 +300,31 @@ def render_metrics(node: Node) -> str:
             cstats = inst.cache.stats()
             out.append(f"euca_cache_hits_total{_labels(name=inst.name)} {cstats.hits}")
             out.append(f"euca_cache_misses_total{_labels(name=inst.name)} {cstats.misses}")
+    _route_metrics(node, family, out)
     family("euca_voter", "gauge", "1 if this process is a lease voter")
     out.append(f"euca_voter{_labels(node=node.name)} {1 if node.voter is not None else 0}")
     return "\n".join(out) + "\n"
+
+
+def _route_metrics(node: Node, family: Callable[[str, str, str], None], out: list[str]) -> None:
+    """User routes: as the arbitrator hosted here probes them, and as this node sees them."""
+    reports = node.local_route_reports() or []
+    family("euca_route_up", "gauge", "This arbitrator's route state: 1 UP, 0 DOWN (absent while UNKNOWN)")
+    for r in reports:
+        if r["state"] in ("UP", "DOWN"):
+            out.append(f"euca_route_up{_labels(route=r['name'])} {1 if r['state'] == 'UP' else 0}")
+    family("euca_route_targets_lost", "gauge", "Targets of the route unreachable for threshold rounds")
+    for r in reports:
+        out.append(f"euca_route_targets_lost{_labels(route=r['name'])} {len(r['lost'])}")
+    family("euca_route_transitions_total", "counter", "Route state changes (UP/DOWN) seen by this arbitrator")
+    for r in reports:
+        out.append(f"euca_route_transitions_total{_labels(route=r['name'])} {r['transitions']}")
+    family("euca_route_advisories_total", "counter", "ADVISORY events: some targets of a working route lost")
+    for r in reports:
+        out.append(f"euca_route_advisories_total{_labels(route=r['name'])} {r['advisories']}")
+    family("euca_route_rounds_total", "counter", "Probe rounds done by this arbitrator")
+    for r in reports:
+        out.append(f"euca_route_rounds_total{_labels(route=r['name'])} {r['rounds']}")
+    family("euca_route_down", "gauge", "1 if a route that stands for this node is DOWN for it")
+    for name, v in sorted(node.route_verdicts().items()):
+        out.append(f"euca_route_down{_labels(route=name)} {1 if v.down else 0}")

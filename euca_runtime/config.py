@@ -26,11 +26,16 @@ Example (every key shown; the optional ones with their defaults)::
       lease_duration: 1.0
       renew_interval: 0.25
       drift_margin: 0.05
-    routes:                           # arbitrator routes
+    routes:                           # arbitrator routes (docs/arbitrator.md)
       - name: users
         targets: [{icmp: 192.0.2.1}, {tcp: "192.0.2.2:443"}]
+        nodes: [node-a]               # the nodes whose users come over this route (default none:
+                                      # the route is only watched and reported)
         threshold: 3                  # consecutive failed rounds before the route is down
-        interval: 1.0
+        recover: 3                    # consecutive good rounds before a DOWN route is UP again
+        interval: 1.0                 # seconds between probe rounds
+        timeout: 1.0                  # one probe's timeout (default: min(interval, 1.0))
+        failback: manual              # or {after: 60}: move the primary back after 60 s UP
     api: {iam: 10.0.0.11:8773, ec2: 10.0.0.11:8774, s3: 10.0.0.11:8775,   # each optional
           kv: 10.0.0.11:8776}
     bus: {max_frame_bytes: 16777216, queue_size: 1024, connect_timeout: 2.0,
@@ -138,6 +143,9 @@ class ProbeTarget:
     host: str
     port: int | None = None
 
+    def __str__(self) -> str:
+        return f"icmp {self.host}" if self.kind == "icmp" else f"tcp {Address(self.host, self.port or 0)}"
+
 
 @dataclass(frozen=True)
 class Route:
@@ -147,6 +155,20 @@ class Route:
     targets: tuple[ProbeTarget, ...]
     threshold: int = 3
     interval: float = 1.0
+    nodes: tuple[str, ...] = ()
+    """The runtime nodes whose users come over this route: their replicated instances give up
+    their leases while it is DOWN."""
+    recover: int = 3
+    """Consecutive good rounds before a DOWN route counts as UP again (hysteresis)."""
+    timeout: float | None = None
+    """One probe's timeout; None: min(interval, 1.0)."""
+    failback_after: float | None = None
+    """None: manual failback (operator only); else seconds of the route UP before the primary
+    it evicted takes the lease back."""
+
+    @property
+    def probe_timeout(self) -> float:
+        return self.timeout if self.timeout is not None else min(self.interval, 1.0)
 
 
 @dataclass(frozen=True)
@@ -430,12 +452,38 @@ def _target(value: Any, path: str) -> ProbeTarget:
     return ProbeTarget("tcp", addr.host, addr.port)
 
 
-def _routes(value: Any) -> tuple[Route, ...]:
+def _failback(value: Any, path: str) -> float | None:
+    if value == "manual":
+        return None
+    if isinstance(value, Mapping):
+        d = _mapping(value, path, ("after",), ())
+        after = d["after"]
+        if isinstance(after, int | float) and not isinstance(after, bool) and after == 0:
+            return 0.0
+        return _number(after, f"{path}.after")
+    _fail(path, "must be 'manual' or {after: SECONDS}", value)
+
+
+def _route_nodes(value: Any, path: str, node: str, peers: Mapping[str, Address]) -> tuple[str, ...]:
+    items = _list(value, path)
+    seen: set[str] = set()
+    for j, name in enumerate(items):
+        _name(name, f"{path}[{j}]")
+        if name in seen:
+            _fail(f"{path}[{j}]", "duplicate node", name)
+        if name != node and name not in peers:
+            _fail(f"{path}[{j}]", "must be this node or one of peers", name)
+        seen.add(name)
+    return tuple(items)
+
+
+def _routes(value: Any, node: str = "", peers: Mapping[str, Address] | None = None) -> tuple[Route, ...]:
     out: list[Route] = []
     names: set[str] = set()
+    optional = ("threshold", "interval", "nodes", "recover", "timeout", "failback")
     for i, item in enumerate(_list(value, "routes")):
         path = f"routes[{i}]"
-        d = _mapping(item, path, ("name", "targets"), ("threshold", "interval"))
+        d = _mapping(item, path, ("name", "targets"), optional)
         name = _name(d["name"], f"{path}.name")
         if name in names:
             _fail(f"{path}.name", "duplicate route name", name)
@@ -448,7 +496,26 @@ def _routes(value: Any) -> tuple[Route, ...]:
             _fail(f"{path}.targets", "lists the same target twice")
         threshold = _int(d.get("threshold", 3), f"{path}.threshold", 1, 1000)
         interval = _number(d.get("interval", 1.0), f"{path}.interval")
-        out.append(Route(name=name, targets=parsed, threshold=threshold, interval=interval))
+        recover = _int(d.get("recover", 3), f"{path}.recover", 1, 1000)
+        nodes = _route_nodes(_opt(d, "nodes", []), f"{path}.nodes", node, peers or {})
+        timeout = None
+        if d.get("timeout") is not None:
+            timeout = _number(d["timeout"], f"{path}.timeout")
+            if timeout > interval:
+                _fail(f"{path}.timeout", f"must be at most interval ({interval:g})", d["timeout"])
+        failback = _failback(_opt(d, "failback", "manual"), f"{path}.failback")
+        out.append(
+            Route(
+                name=name,
+                targets=parsed,
+                threshold=threshold,
+                interval=interval,
+                nodes=nodes,
+                recover=recover,
+                timeout=timeout,
+                failback_after=failback,
+            )
+        )
     return tuple(out)
 
 
@@ -512,7 +579,7 @@ def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
     voters = _voters(d["voters"], node, peers)
     components = _components(_opt(d, "components", []), node)
     timing = _timing(_opt(d, "timing", {}))
-    routes = _routes(_opt(d, "routes", []))
+    routes = _routes(_opt(d, "routes", []), node, peers)
     api = _api(_opt(d, "api", {}))
     shared_api = _api(_opt(d, "shared_api", {}), "shared_api")
     bus = _bus(_opt(d, "bus", {}))
@@ -629,7 +696,11 @@ def config_to_dict(cfg: RuntimeConfig) -> dict[str, Any]:
                 "targets": [target(t) for t in r.targets],
                 "threshold": r.threshold,
                 "interval": r.interval,
+                "nodes": list(r.nodes),
+                "recover": r.recover,
+                "failback": "manual" if r.failback_after is None else {"after": r.failback_after},
             }
+            | ({"timeout": r.timeout} if r.timeout is not None else {})
             for r in cfg.routes
         ],
         "api": {k: str(getattr(cfg.api, k)) for k in API_NAMES if getattr(cfg.api, k) is not None},

@@ -20,6 +20,13 @@ Layout under DIR (mode 0700)::
 (arbitrator), rewrites ``node-a.yaml`` with the new peers and voters and reloads it (``POST /v1/reload``:
 node-a is never restarted), waits until every group's voters are {node-a, node-b, node-c}
 and node-b's instances are DISABLED and in sync, then rewrites cloud.json and eucarc.
+User routes (``up --ha``; docs/arbitrator.md): node-c's arbitrator watches one route per
+node that hosts user-facing groups (``users-a`` stands for node-a, ``users-b`` for node-b),
+each with two TCP targets on their own loopback addresses (127.0.0.21, .22 for users-a;
+.23, .24 for users-b). A small process (`euca_runtime.route_targets`, DIR/targets.pid) plays
+the users' end: it listens on every target, and a test takes targets down and up again
+(``python -m euca_runtime.route_targets --dir DIR down users-a``). Every ``up`` starts it
+when it is not running; ``down`` of the whole cloud stops it.
 ``up --ha``: ``node-a`` and ``node-b`` each host the ``clc``, ``kv``, ``walrus``, ``sc/cluster01``
 and ``cc/cluster01`` groups (node-a is the preferred primary), ``node-c`` hosts an arbitrator and
 the NC of ``cluster01``; voters are node-a, node-b and node-c. Each process has its own loopback
@@ -80,6 +87,11 @@ API_TYPES = {"kv": "kv", "iam": "clc", "ec2": "clc", "s3": "walrus"}
 LEASED = ("clc", "kv", "walrus", "sc", "cc")
 """Component types whose groups `up` waits to see ENABLED."""
 DOWN_GRACE = 8.0
+ROUTE_SETTINGS: dict[str, Any] = {"interval": 0.5, "threshold": 3, "recover": 3, "timeout": 0.4}
+"""Probe settings of the local cloud's user routes (detection in about 1.5 s)."""
+TARGETS_CONTROL_IP = "127.0.0.20"
+ROUTE_TARGET_IPS = ("127.0.0.21", "127.0.0.22", "127.0.0.23", "127.0.0.24", "127.0.0.25", "127.0.0.26")
+USER_FACING = frozenset({"clc", "walrus", "kv", "sc", "cc"})
 
 CLUSTER = "cluster01"
 """The one cluster (availability zone) of a local cloud."""
@@ -335,6 +347,45 @@ def node_configs(
     return out
 
 
+def plan_routes(nodes: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One route per node hosting user-facing groups (``users-a`` for node-a, ...), two TCP
+    targets each on their own loopback address and a free port."""
+    routes: list[dict[str, Any]] = []
+    ips = iter(ROUTE_TARGET_IPS)
+    for name, spec in nodes.items():
+        if not {c["type"] for c in spec["components"]} & USER_FACING:
+            continue
+        addrs = [next(ips), next(ips)]
+        suffix = name.removeprefix("node-")
+        routes.append(
+            {
+                "name": f"users-{suffix}",
+                "nodes": [name],
+                "targets": [f"{ip}:{_free_port(ip)}" for ip in addrs],
+            }
+        )
+    return routes
+
+
+def arbitrator_routes(routes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """`plan_routes` as the ``routes`` section of an arbitrator's configuration."""
+    return [
+        {"name": r["name"], "nodes": list(r["nodes"]), "targets": [{"tcp": t} for t in r["targets"]]}
+        | ROUTE_SETTINGS
+        for r in routes
+    ]
+
+
+def _add_routes(doc: dict[str, Any], configs: Mapping[str, dict[str, Any]], nodes: Mapping[str, Any]) -> None:
+    """Plan the user routes of an HA layout: into cloud.json (`doc`) and the arbitrators' configs."""
+    routes = plan_routes(nodes)
+    doc["routes"] = routes
+    doc["route_targets"] = {"control": f"http://{TARGETS_CONTROL_IP}:{_free_port(TARGETS_CONTROL_IP)}"}
+    for name, spec in nodes.items():
+        if name in configs and any(c["type"] == "arbitrator" for c in spec["components"]):
+            configs[name]["routes"] = arbitrator_routes(routes)
+
+
 def _create(root: Path, ha: bool) -> Layout:
     nodes = HA_NODES if ha else SINGLE_NODES
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -365,6 +416,9 @@ def _create(root: Path, ha: bool) -> Layout:
     served = {k for spec in nodes.values() for k, t in API_TYPES.items() if t in _types(spec)}
     shared_api = {k: f"{SHARED_IP}:{_free_port(SHARED_IP)}" for k in sorted(served)}
     configs = node_configs(nodes, ports, tls, credential_key=CREDENTIAL_KEY, shared_api=shared_api)
+    doc: dict[str, Any] = {"version": 1, "mode": "ha" if ha else "single"}
+    if ha:
+        _add_routes(doc, configs, nodes)
     layout_nodes: dict[str, Any] = {}
     for name, spec in nodes.items():
         ip = spec["ip"]
@@ -384,7 +438,7 @@ def _create(root: Path, ha: bool) -> Layout:
             "voter": True,
             "components": spec["components"],
         }
-    doc = {"version": 1, "mode": "ha" if ha else "single", "nodes": layout_nodes, "shared_api": shared_api}
+    doc.update(nodes=layout_nodes, shared_api=shared_api)
     (root / LAYOUT).write_text(json.dumps(doc, indent=2) + "\n")
     return Layout(root, doc)
 
@@ -487,6 +541,61 @@ def node_running(layout: Layout, node: str) -> bool:
     return pid_alive(read_pid(layout.pid_file(node))) or pid_alive(read_pid(layout.supervisor_pid_file(node)))
 
 
+def route_targets_running(layout: Layout) -> bool:
+    return pid_alive(read_pid(layout.root / "targets.pid"))
+
+
+def ensure_route_targets(layout: Layout, timeout: float = UP_TIMEOUT) -> None:
+    """Start the route-target stand-ins (`euca_runtime.route_targets`) unless they run; wait
+    until they listen, so that the arbitrator's first rounds find the routes UP."""
+    if not layout.doc.get("routes") or route_targets_running(layout):
+        return
+    from euca_runtime import route_targets
+
+    log = open(layout.root / route_targets.LOG_FILE, "ab")  # handed to the child, closed here after
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "euca_runtime.route_targets", "--dir", str(layout.root), "serve"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+            cwd=str(layout.root),
+        )
+    finally:
+        log.close()
+    (layout.root / route_targets.PID_FILE).write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = route_targets.control(layout.root, None, None, timeout=1.0)
+            if all(state.values()):
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        if proc.poll() is not None:
+            raise UpError(f"the route targets exited:\n{_tail(layout.root / route_targets.LOG_FILE)}")
+        if time.monotonic() > deadline:
+            raise UpError(f"the route targets did not listen within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def stop_route_targets(layout: Layout, grace: float = DOWN_GRACE) -> None:
+    path = layout.root / "targets.pid"
+    pid = read_pid(path)
+    _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -551,6 +660,7 @@ def up(root: Path | str, ha: bool = False, node: str | None = None, timeout: flo
     for n in names:
         if n not in layout.nodes:
             raise UpError(f"no node {n!r} in {root} (nodes: {', '.join(layout.nodes)})")
+    ensure_route_targets(layout, timeout)
     for n in names:
         if not node_running(layout, n):
             _spawn_supervisor(layout, n)
@@ -592,6 +702,7 @@ def convert_to_ha(layout: Layout, timeout: float = UP_TIMEOUT) -> Layout:
     wait_ready(layout, ["node-a"], timeout)
     new = [n for n in HA_NODES if n not in layout.nodes]
     layout = add_ha_nodes(layout)
+    ensure_route_targets(layout, timeout)
     for name in new:
         if not node_running(layout, name):
             _spawn_supervisor(layout, name)
@@ -624,6 +735,8 @@ def add_ha_nodes(layout: Layout) -> Layout:
     bus = {"node-a": a_bus} | {n: f"{spec['ip']}:{ports[n]['bus']}" for n, spec in new.items()}
     doc = dict(layout.doc)
     nodes_doc = dict(doc["nodes"])
+    new_configs: dict[str, dict[str, Any]] = {name: {} for name in new}
+    _add_routes(doc, new_configs, HA_NODES)
     for name, spec in new.items():
         cfg = _node_config(
             root, name, spec["ip"], ports[name], {o: a for o, a in bus.items() if o != name}, voters
@@ -640,6 +753,7 @@ def add_ha_nodes(layout: Layout) -> Layout:
             cfg["shared_api"] = shared
         if types & {"clc", "walrus"}:
             cfg["credential_key"] = CREDENTIAL_KEY
+        cfg.update(new_configs[name])  # an arbitrator's routes
         cfg_path = root / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         load_config(cfg_path)
@@ -755,6 +869,8 @@ def down(root: Path | str, node: str | None = None, grace: float = DOWN_GRACE) -
     while time.monotonic() < deadline and any(alive(*t) for t in targets.values()):
         time.sleep(0.05)
     left = [n for n, t in targets.items() if alive(*t)]
+    if node is None:
+        stop_route_targets(layout)
     if left:
         raise UpError(f"processes of {', '.join(left)} are still running")
     if node is None:  # the whole cloud: its instances (NC placeholder processes) go too

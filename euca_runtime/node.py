@@ -107,6 +107,7 @@ from euca_runtime.replication import (
     SnapshotChunk,
     SnapshotPull,
 )
+from euca_runtime.routes import RouteVerdict, RouteView
 from euca_runtime.store import ObjectCache, Store, StoreError, sqlite_url
 from euca_runtime.tls import client_context, server_context, write_private
 from euca_runtime.transport import DeadlineExceeded, Endpoint, PeerUnavailable, RemoteError
@@ -355,6 +356,10 @@ class Instance:
         self._members: frozenset[str] = frozenset()
         self._tasks: list[asyncio.Task[Any]] = []
         self._state_changed = asyncio.Event()
+        self.route_evicted = False
+        """This instance gave up the lease because its route went DOWN (failback candidate)."""
+        self._failback_task: asyncio.Task[Any] | None = None
+        self._failback_next = 0.0
 
     # ------------------------------------------------------------------ context for the component
 
@@ -493,6 +498,8 @@ class Instance:
         """The ENABLED test, evaluated freshly (lease on our own clock) before serving."""
         if self.broken or self.stopped or not self.started or not self.healthy or self.component is None:
             return False
+        if self.route_block() is not None:
+            return False
         if not self.replicated:
             return True
         return self.is_writer(now) and self.primary_ready and self.handing_over is None
@@ -507,8 +514,12 @@ class Instance:
             return "NOTREADY", "starting"
         if not self.healthy:
             return "NOTREADY", self.health_cause
+        blocked = self.route_block()
+        if blocked is not None:
+            return "NOTREADY", blocked
         if not self.replicated:
-            return "ENABLED", "running"
+            note = getattr(self.component, "state_note", None)
+            return "ENABLED", "running" + (f"; {note()}" if callable(note) else "")
         cand = self.candidate
         assert cand is not None
         if cand.is_writer(now):
@@ -844,6 +855,7 @@ class Instance:
             return
         for ev in cand.drain_events():
             if isinstance(ev, Elected):
+                self.route_evicted = False
                 self.node.metrics.elections[self.group] += 1
                 if self.last_seq > 0 or self.fence > 0:
                     self.node.metrics.failovers[self.group] += 1
@@ -943,6 +955,9 @@ class Instance:
         now = self._mono()
         cand = self.candidate
         if cand is not None:
+            blocked = self.route_block()
+            if blocked is not None and cand.role is not Role.FOLLOWER:
+                self._route_give_up(blocked)
             self.node.send(cand.tick(now))
             self._after_lease()
             if cand.role is Role.HOLDER:
@@ -959,6 +974,7 @@ class Instance:
                         self.group_in_sync = sorted(members)
             elif cand.role is Role.FOLLOWER:
                 self._maybe_campaign(now)
+                self._maybe_failback(now)
         self.update_state()
 
     def _maybe_campaign(self, now: float) -> None:
@@ -966,6 +982,8 @@ class Instance:
         assert cand is not None
         if self.broken or self.stopped or not self.healthy or self.component is None:
             return
+        if self.route_block() is not None:
+            return  # our users cannot reach us: never campaign while our route is DOWN
         if now < self.next_campaign_at or now < self.hold_off_until:
             return
         if not self.force_next:
@@ -1003,6 +1021,60 @@ class Instance:
         node = self.node.node_of(self.following) if self.following else None
         ep = self.node.endpoint
         return node is not None and node != self.node.name and ep is not None and not ep.connected(node)
+
+    # ------------------------------------------------------------------ user routes (arbitrator)
+
+    def route_block(self) -> str | None:
+        """Why this instance may not serve nor campaign: a route that stands for this node is
+        DOWN (user-facing, i.e. replicated, types only). None otherwise."""
+        if not self.ctype.replicated:
+            return None
+        return self.node.route_block()
+
+    def _route_give_up(self, cause: str) -> None:
+        """Our users cannot reach us: release the lease and ask a hot standby to take it."""
+        cand = self.candidate
+        assert cand is not None
+        target = None
+        if cand.role is Role.HOLDER:
+            self.route_evicted = True
+            target = self.node.best_backup(self.group, exclude=self.name)
+        log.warning(
+            "route down: giving up the lease",
+            extra={"service": self.name, "epoch": cand.epoch, "reason": cause, "peer": target},
+        )
+        if target is None:
+            self._give_up(cause)
+            return
+        self.step_down_cause = cause
+        sends = cand.release(self._mono())
+        self._after_lease()
+        self.node.spawn(self._hand_over_after_release(sends, target))
+
+    async def _hand_over_after_release(self, sends: list[Send], target: str) -> None:
+        """The voters first learn that the lease is free, then the standby campaigns: it wins
+        its first campaign instead of being refused by voters that still see our lease."""
+        await self.node.send_and_wait(sends, timeout=0.5)
+        with contextlib.suppress(RequestError):
+            await self.node.request_takeover(target, self.group, self._mono() + 2.0)
+
+    def _maybe_failback(self, now: float) -> None:
+        """The failback policy of our routes says the primary may move back here now."""
+        if not self.route_evicted or self._failback_task is not None or now < self._failback_next:
+            return
+        if self.state != "DISABLED" or not self.node.failback_due(now):
+            return
+        self._failback_task = self.node.spawn(self._failback())
+
+    async def _failback(self) -> None:
+        try:
+            res = await self.node.switchover(self.group, self.name, timeout=5.0)
+            self.node.note(self.name, f"failback: the route is UP again, took over from {res.get('from')}", 0)
+        except (RequestError, ServiceUnavailable) as exc:
+            log.info("failback not done yet", extra={"service": self.name, "reason": str(exc)})
+            self._failback_next = self._mono() + 2.0
+        finally:
+            self._failback_task = None
 
     async def _health_loop(self) -> None:
         while True:
@@ -1224,6 +1296,9 @@ class Instance:
         first round asks for the next epoch under the configuration the voters recorded."""
         if self.stopped or not self.healthy or self.candidate is None:
             raise RequestError("NotReady", f"{self.name} is {self.state} ({self.cause})")
+        blocked = self.route_block()
+        if blocked is not None:
+            raise RequestError("RouteDown", f"{self.name} cannot take over: {blocked}")
         self.hold_off_until = 0.0
         self.next_campaign_at = 0.0
         self.backup_heard = -math.inf
@@ -1312,6 +1387,10 @@ class Node:
         """True once the first gossip round has been answered (or failed) by every peer."""
         self.quiet_after = max(3 * cfg.timing.heartbeat_interval, 0.3)
         """A peer silent this long is not a live primary (for campaign decisions)."""
+        self.routes = RouteView(self.name, stale_after=max(2.0, 2 * cfg.timing.suspect_after))
+        """The arbitrators' reports about the user routes that stand for this node."""
+        self._route_cache: tuple[float, str | None] = (-math.inf, None)
+        self._route_down: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1817,6 +1896,9 @@ class Node:
             "started": self.started_at,
             "instances": [i.status() for i in self.instances.values()],
         }
+        reports = self.local_route_reports()
+        if reports is not None:
+            doc["routes"] = reports
         clc = self.by_group.get("clc")
         if clc is not None and clc.state == "ENABLED" and clc.component is not None:
             doc["registry"] = clc.component.registry()  # type: ignore[attr-defined]
@@ -1836,6 +1918,9 @@ class Node:
             return
         self.views[peer] = _View(dict(doc), self.clock.monotonic())
         self.routes_changed()
+        if isinstance(doc.get("routes"), list):
+            self.routes.on_reports(peer, doc["routes"], self.clock.monotonic())
+            self._route_cache = (-math.inf, None)
         listen = doc.get("listen")
         ep = self.endpoint
         if ep is not None and isinstance(listen, list) and len(listen) == 2 and peer not in ep.peers:
@@ -1877,6 +1962,58 @@ class Node:
                 await asyncio.gather(*(self._push_status(p, doc) for p in self.cfg.peers))
         self._observe_groups()
         self.settled = True
+
+    # ------------------------------------------------------------------ user routes (arbitrator)
+
+    def local_route_reports(self) -> list[dict[str, Any]] | None:
+        """The route reports of the arbitrator hosted here (None: none, or not probing)."""
+        out: list[dict[str, Any]] | None = None
+        for inst in self.instances.values():
+            fn = getattr(inst.component, "route_reports", None)
+            reports = fn() if callable(fn) and inst.state == "ENABLED" else None
+            if reports is not None:
+                out = (out or []) + list(reports)
+        return out
+
+    def route_verdicts(self) -> dict[str, RouteVerdict]:
+        """Every route that stands for this node, as the arbitrators' reports combine."""
+        now = self.clock.monotonic()
+        local = self.local_route_reports()
+        if local is not None:
+            self.routes.on_reports(self.name, local, now)
+        verdicts = self.routes.evaluate(now)
+        for name, v in verdicts.items():
+            if self._route_down.get(name, False) != v.down:
+                old, new = ("UP", "DOWN") if v.down else ("DOWN", "UP")
+                self.events.append(
+                    ServiceEvent(time.time(), self.name, f"route:{name}", old, new, v.cause, 0)
+                )
+                (log.warning if v.down else log.info)(
+                    f"route {name} {new} for this node", extra={"route": name, "reason": v.cause}
+                )
+            self._route_down[name] = v.down
+        return verdicts
+
+    def route_block(self) -> str | None:
+        """Why this node's user-facing instances must not serve: its DOWN routes (None: none).
+        Evaluated at most once per `TICK` and whenever a report arrives."""
+        now = self.clock.monotonic()
+        at, cause = self._route_cache
+        if now - at < TICK:
+            return cause
+        down = [v for v in self.route_verdicts().values() if v.down]
+        cause = None
+        if down:
+            cause = "; ".join(
+                f"route {v.name} is DOWN ({v.cause})" for v in sorted(down, key=lambda v: v.name)
+            )
+        self._route_cache = (now, cause)
+        return cause
+
+    def failback_due(self, now: float) -> bool:
+        """Every route of this node is UP and its failback policy says move back now."""
+        verdicts = self.route_verdicts()
+        return bool(verdicts) and all(not v.down and v.failback.due(v.since, now) for v in verdicts.values())
 
     def heard_every_peer(self) -> bool:
         """Every configured peer has told us its topology at least once since we started."""

@@ -2,7 +2,7 @@
 
 - `kv`: an internal replicated key-value service (tests and benchmarks), with an HTTP API.
 - `clc`: the cloud controller: service registry, IAM and the EC2 API.
-- `arbitrator`: a witness voter host; route probing comes later.
+- `arbitrator`: a witness voter host that probes user routes (docs/arbitrator.md).
 - `sc`: a cluster's storage controller (volumes and snapshots).
 - `cc`, `nc`: the cluster side (`euca_runtime.cluster`): the CC proxy and the node controller.
 """
