@@ -27,6 +27,7 @@ BENCHMARKS = {
     "failover": "benchmarks.failover",
     "switchover": "benchmarks.switchover",
     "read_after_failover": "benchmarks.read_after_failover",
+    "cc_scale": "benchmarks.cc_scale",
 }
 
 
