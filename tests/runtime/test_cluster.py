@@ -109,6 +109,14 @@ def test_cc_failover_kill_service_then_kill_runtime(ha_cloud: Cloud) -> None:
     before = placeholders(cloud.root)
     assert sorted(before) == ids
 
+    # 0. A planned switchover moves the lease like any group's (nothing to catch up).
+    start = wait_until(lambda: cloud.enabled(group), what="an ENABLED cc")
+    target = f"node-b.cc.{CLUSTER}" if start.startswith("node-a") else f"node-a.cc.{CLUSTER}"
+    proc = cloud.ctl("switchover", group, "--to", target)
+    assert proc.returncode == 0, proc.stderr
+    wait_until(lambda: cloud.enabled(group) == target, what=f"{target} ENABLED after the switchover")
+    assert states(cloud, "node-a") == running
+
     # 1. kill -9 of just the ENABLED CC's service process: its proxy goes NOTREADY, gives up
     #    the lease, the other CC takes over and reports every instance at once.
     first = wait_until(lambda: cloud.enabled(group), what="an ENABLED cc")

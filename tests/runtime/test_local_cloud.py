@@ -37,6 +37,8 @@ def test_up_down_single_process_leaves_nothing_behind(tmp_path: Path) -> None:
             "node-a.clc": "ENABLED",
             "node-a.kv": "ENABLED",
             "node-a.walrus": "ENABLED",
+            "node-a.cc.cluster01": "ENABLED",
+            "node-a.nc.cluster01": "ENABLED",
         }
         eucarc = (root / "eucarc").read_text()
         assert f"export KV_URL={cloud.kv_url('node-a')}" in eucarc
