@@ -28,6 +28,7 @@ BENCHMARKS = {
     "switchover": "benchmarks.switchover",
     "read_after_failover": "benchmarks.read_after_failover",
     "arbitrator": "benchmarks.arbitrator",
+    "cc_scale": "benchmarks.cc_scale",
 }
 
 

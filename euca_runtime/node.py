@@ -865,11 +865,10 @@ class Instance:
                 members = self.node.members(self.group)
                 if self.has_store:
                     self._submit(functools.partial(self._job_become_primary, ev.epoch, members))
-                else:  # leased, stateless: nothing to record or replicate, serve at once
+                else:  # leased, stateless: nothing to replicate, serve at once
                     self.fence = max(self.fence, ev.epoch)
                     self.primary_epoch = ev.epoch
-                    self.recorded = members
-                    self.group_in_sync = sorted(members)
+                    self._set_stateless_in_sync(members)
                     self.primary_ready = True
                 self.node.held_changed()
             elif isinstance(ev, SteppedDown):
@@ -970,12 +969,22 @@ class Instance:
                     if self.has_store:
                         self._submit(functools.partial(self._job_members, members))
                     elif self.primary_ready:
-                        self.recorded = members
-                        self.group_in_sync = sorted(members)
+                        self._set_stateless_in_sync(members)
             elif cand.role is Role.FOLLOWER:
                 self._maybe_campaign(now)
                 self._maybe_failback(now)
         self.update_state()
+
+    def _set_stateless_in_sync(self, members: frozenset[str]) -> None:
+        """Leased, stateless group: every member is in sync. The set is still recorded with
+        the voters (as for a replicated group) because voter configuration changes build on
+        it (`Candidate.next_config`); a member that joins later is added the same way."""
+        cand = self.candidate
+        assert cand is not None
+        self.recorded = members
+        self.group_in_sync = sorted(members)
+        if cand.role is Role.HOLDER:
+            self.node.send(cand.propose_in_sync(members, self._mono()))
 
     def _maybe_campaign(self, now: float) -> None:
         cand = self.candidate

@@ -140,6 +140,16 @@ def test_cc_failover_kill_service_then_kill_runtime(ha_cloud: Cloud) -> None:
     assert states(cloud, first_node) == running | {"i-00000007": "running"}
     assert sorted(placeholders(cloud.root)) == [*ids, "i-00000007"]
 
+    # 3. The killed node comes back as the hot standby; a planned switchover moves the lease
+    #    to it like any group's (nothing to catch up), and it reports everything at once.
+    run_cli("up", "--dir", str(cloud.root), "--node", other)
+    back = f"{other}.cc.{CLUSTER}"
+    wait_until(lambda: cloud.service(back, via=first_node)["state"] == "DISABLED", what=f"{back} DISABLED")
+    proc = cloud.ctl("switchover", group, "--to", back)
+    assert proc.returncode == 0, proc.stderr
+    wait_until(lambda: cloud.enabled(group) == back, what=f"{back} ENABLED after the switchover")
+    assert states(cloud, first_node) == running | {"i-00000007": "running"}
+
 
 def test_nc_death_lost_then_found_again(ha_cloud: Cloud) -> None:
     cloud = ha_cloud
