@@ -117,7 +117,9 @@ def main() -> int:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(2)
-        table = [ln.strip().strip('",') for ln in out.splitlines() if ln.strip().startswith('"')]
+        shown = out[out.find("TASK [Show the groups]") :]
+        shown = shown[: shown.find("\nTASK [", 1)]
+        table = [ln.strip()[2:].strip("'\"") for ln in shown.splitlines() if ln.strip().startswith("- ")]
         print("demo: status runbook:\n  " + "\n  ".join(table))
         site(inventory, "-e", f"euca_eucarc={EUCARC}", playbook="playbooks/runbooks/eucarc.yml")
         print(f"demo: smoke check: {smoke(read_eucarc(EUCARC))}")
