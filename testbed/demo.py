@@ -103,15 +103,15 @@ def main() -> int:
         bed = tb.load(NAME)
         for host in bed.hosts:
             check = "id -u eucalyptus && stat -c %a /var/lib/eucalyptus && systemctl is-active euca-runtime"
-            out = tb.ssh(bed, host, check)
-            if out.returncode != 0 or out.stdout.split() != ["970", "700", "active"]:
-                raise TestbedError(f"smoke check failed on {host.name}: {out.stdout or out.stderr}")
+            probe = tb.ssh(bed, host, check)
+            if probe.returncode != 0 or probe.stdout.split() != ["970", "700", "active"]:
+                raise TestbedError(f"smoke check failed on {host.name}: {probe.stdout or probe.stderr}")
         print("demo: the runtime is active on every host")
-        status = ["-e", "euca_status_strict=true"]
+        strict = ["-e", "euca_status_strict=true"]
         deadline = time.monotonic() + 90
         while True:
             try:
-                _, out = site(inventory, *status, playbook="playbooks/runbooks/status.yml")
+                _, out = site(inventory, *strict, playbook="playbooks/runbooks/status.yml")
                 break
             except TestbedError:
                 if time.monotonic() > deadline:
