@@ -38,6 +38,8 @@ Example (every key shown; the optional ones with their defaults)::
         failback: manual              # or {after: 60}: move the primary back after 60 s UP
     api: {iam: 10.0.0.11:8773, ec2: 10.0.0.11:8774, s3: 10.0.0.11:8775,   # each optional
           kv: 10.0.0.11:8776}
+    vips:                             # service VIPs (euca_runtime.vip): held while ENABLED
+      - {group: walrus, address: 10.0.0.100/24}   # interface: default the listen address's
     bus: {max_frame_bytes: 16777216, queue_size: 1024, connect_timeout: 2.0,
           idle_timeout: 5.0, idempotency_ttl: 120.0, idempotency_entries: 10000}
     log_level: info
@@ -68,6 +70,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
+
+from euca_runtime.vip import VipConfigError, VipSpec, parse_vips
 
 if TYPE_CHECKING:
     from euca_runtime.transport import TransportOptions
@@ -218,6 +222,8 @@ class RuntimeConfig:
     join: bool = False
     credential_key: Path | None = None
     """The cloud-wide secret file that encrypts IAM secret keys at rest (every clc host has it)."""
+    vips: tuple[VipSpec, ...] = ()
+    """Service VIPs this node holds while its instance of the group is ENABLED (`euca_runtime.vip`)."""
 
     def transport_options(self) -> TransportOptions:
         """The :class:`~euca_runtime.transport.TransportOptions` this config asks for."""
@@ -554,6 +560,7 @@ _OPTIONAL = (
     "credential_key",
     "join",
     "shared_api",
+    "vips",
 )
 
 
@@ -589,6 +596,10 @@ def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
         _fail("join", "must be true or false", join)
     raw_key = d.get("credential_key")
     credential_key = None if raw_key is None else _path(raw_key, "credential_key", base_dir)
+    try:
+        vips = parse_vips(d.get("vips"))
+    except VipConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
     listeners = [("listen", listen), ("admin", admin)]
     listeners += [(f"api.{k}", getattr(api, k)) for k in API_NAMES if getattr(api, k) is not None]
@@ -619,6 +630,7 @@ def parse_config(data: Any, base_dir: Path | None = None) -> RuntimeConfig:
         log_level=log_level,
         join=join,
         credential_key=credential_key,
+        vips=vips,
     )
 
 
@@ -674,7 +686,7 @@ def config_to_dict(cfg: RuntimeConfig) -> dict[str, Any]:
     def target(t: ProbeTarget) -> dict[str, str]:
         return {"icmp": t.host} if t.kind == "icmp" else {"tcp": str(Address(t.host, t.port or 0))}
 
-    return {
+    out = {
         "node": cfg.node,
         "listen": str(cfg.listen),
         "admin": str(cfg.admin),
@@ -711,6 +723,13 @@ def config_to_dict(cfg: RuntimeConfig) -> dict[str, Any]:
         "log_level": cfg.log_level,
         "join": cfg.join,
     } | ({"credential_key": str(cfg.credential_key)} if cfg.credential_key is not None else {})
+    if cfg.vips:
+        out["vips"] = [
+            {"group": v.group, "address": str(v.address)}
+            | ({"interface": v.interface} if v.interface else {})
+            for v in cfg.vips
+        ]
+    return out
 
 
 def dump_config(cfg: RuntimeConfig) -> str:

@@ -111,6 +111,7 @@ from euca_runtime.routes import RouteVerdict, RouteView
 from euca_runtime.store import ObjectCache, Store, StoreError, sqlite_url
 from euca_runtime.tls import client_context, server_context, write_private
 from euca_runtime.transport import DeadlineExceeded, Endpoint, PeerUnavailable, RemoteError
+from euca_runtime.vip import VipManager
 
 log = get_logger("node")
 
@@ -557,6 +558,8 @@ class Instance:
             if comp is not None and (old == "ENABLED") != (state == "ENABLED"):
                 hook = comp.on_enabled(self.epoch) if state == "ENABLED" else comp.on_disabled()
                 self.node.spawn(hook)
+            if self.node.vips is not None and (old == "ENABLED") != (state == "ENABLED"):
+                self.node.vips.kick()  # take or drop the group's VIP now (euca_runtime.vip)
         else:
             self.cause = cause
 
@@ -1381,6 +1384,7 @@ class Node:
         self.core: Store | None = None
         self.endpoint: Endpoint | None = None
         self.api_urls: dict[str, str] = {}
+        self.vips: VipManager | None = None
         self.admin_url = f"http://{cfg.admin}"
         self._voter_exec = ThreadPoolExecutor(1, thread_name_prefix="voter")
         self._gossip_seq = 0
@@ -1446,6 +1450,9 @@ class Node:
         self.endpoint.set_handler(self._on_request)
         await self.endpoint.start()
         await self._start_http()
+        if cfg.vips:
+            self.vips = VipManager(self, cfg.vips)
+            self._loops.append(asyncio.create_task(self.vips.run(), name="vips"))
         for inst in self.instances.values():
             inst.start_loops()
         self._loops.append(asyncio.create_task(self._settle(), name="settle"))
@@ -1510,6 +1517,8 @@ class Node:
     async def stop(self) -> None:
         """Graceful stop: leases released (failover at once), everything closed."""
         log.info("node stopping", extra={"node": self.name})
+        if self.vips is not None:
+            await self.vips.release_all()  # before the leases are released (a backup takes over)
         await asyncio.gather(*(inst.shutdown() for inst in self.instances.values()), return_exceptions=True)
         for task in self._loops:
             task.cancel()
@@ -1900,6 +1909,7 @@ class Node:
             "pid": os.getpid(),
             "admin": self.admin_url,
             "api": dict(self.api_urls),
+            "vips": self.vips.held() if self.vips is not None else [],
             "voter": self.voter is not None,
             "voter_joining": self.voter is not None and self.voter.joining,
             "started": self.started_at,
@@ -2256,8 +2266,14 @@ class Node:
                         r["in_sync"] = r["name"] in primary["_in_sync_set"] and r["state"] == "DISABLED"
                 elif primary is not None and r["seq"] is not None and primary["seq"] is not None:
                     r["lag"] = max(0, int(primary["seq"]) - int(r["seq"]))
+        # Service VIPs: the node that holds the group's address, as each node (fresh) reports it.
+        held = {(self.name, v["group"]) for v in (self.vips.held() if self.vips is not None else [])}
+        for node, view in self.views.items():
+            if self._fresh(node):
+                held |= {(node, str(v.get("group"))) for v in view.doc.get("vips", ())}
         out = []
         for r in sorted(rows.values(), key=lambda r: (str(r["group"]), str(r["name"]))):
+            r["vip_holder"] = r["node"] if (r["node"], r["group"]) in held else None
             out.append({k: v for k, v in r.items() if not k.startswith("_")})
         return out
 
