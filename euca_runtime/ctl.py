@@ -15,7 +15,8 @@ is down. Commands:
 - ``describe-groups [-o table|json]``: one line per service group: its ENABLED instance,
   epoch, every instance with its state, how many are in sync, the largest lag, and the VIP
   holder where the group has a service address (``-`` otherwise); ``-o json`` adds
-  ``healthy`` (exactly one ENABLED instance and every instance in sync) and
+  ``healthy`` (exactly one ENABLED instance and every instance in sync; for groups of
+  independent instances such as ``nc`` and ``arbitrator``: every instance ENABLED) and
   ``recorded_in_sync`` (the in-sync set the voters recorded, as the primary knows it). The runbook
   ``playbooks/runbooks/status.yml`` prints this table.
 - ``describe-services [-o table|json] [--events]``: every service instance; ``-o json`` is a
@@ -198,7 +199,11 @@ def group_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "size": len(members),
                 "max_lag": max(lags) if lags else None,
                 "vip_holder": vips[0] if len(vips) == 1 else (vips or None),
-                "healthy": len(enabled) == 1 and all(m.get("in_sync") for m in members),
+                "healthy": (
+                    len(enabled) == 1 and all(m.get("in_sync") for m in members)
+                    if any(m.get("replicated", True) for m in members)
+                    else all(m.get("state") == "ENABLED" for m in members)  # independent: nc, arbitrator
+                ),
                 "recorded_in_sync": next(
                     (m["recorded_in_sync"] for m in members if m.get("recorded_in_sync") is not None), None
                 ),

@@ -2274,6 +2274,7 @@ class Node:
         out = []
         for r in sorted(rows.values(), key=lambda r: (str(r["group"]), str(r["name"]))):
             r["vip_holder"] = r["node"] if (r["node"], r["group"]) in held else None
+            r["replicated"] = r["_replicated"]  # primary/backup group (else: independent instances)
             out.append({k: v for k, v in r.items() if not k.startswith("_")})
         return out
 
