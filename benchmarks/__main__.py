@@ -27,6 +27,7 @@ BENCHMARKS = {
     "failover": "benchmarks.failover",
     "switchover": "benchmarks.switchover",
     "read_after_failover": "benchmarks.read_after_failover",
+    "s3_iam": "benchmarks.s3_iam",
 }
 
 
