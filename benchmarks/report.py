@@ -191,11 +191,15 @@ S3_IAM_TARGETS = {
 
 
 def _cell(c: dict[str, Any] | None) -> str:
-    """'rate/s, p50 / p99 ms' of one s3_iam measurement."""
+    """'rate/s (min-max), p50 / p99 ms' of one s3_iam cell (medians over rounds)."""
     if not c or not c.get("n"):
         return "n/a"
-    err = f", {c['errors']} errors" if c.get("errors") else ""
-    return f"{c['rate']:.0f}/s, {c['p50_ms']:.1f} / {c['p99_ms']:.1f} ms{err}"
+    err = f", **{c['errors']} errors**" if c.get("errors") else ""
+    rate = c["rate"]
+    return (
+        f"{rate['p50']:.0f}/s ({rate['min']:.0f}-{rate['max']:.0f}), "
+        f"{c['p50_ms']:.1f} / {c['p99_ms']:.1f} ms{err}"
+    )
 
 
 def t_s3_iam(r: dict[str, Any]) -> str:
@@ -213,12 +217,14 @@ def t_s3_iam(r: dict[str, Any]) -> str:
             row = [_cell(cells.get(t, {}).get(f"t{threads}")) if t in cells else "-" for t in targets]
             lines.append(f"| {label} | " + " | ".join(row) + " |")
         lines.append("")
-    n = {op: r["ops"][op]["single"]["t1"]["n"] for op in S3_IAM_OPS if "single" in r["ops"].get(op, {})}
+    per = r["requests_per_round"]
     lines.append(
-        "Measured requests per cell with 1 thread: "
-        + ", ".join(f"{S3_IAM_OPS[op]} {k}" for op, k in n.items())
-        + f" (twice as many with more threads; each cell capped at {r['cell_seconds_cap']:g} s, "
-        f"after {r['warmup_per_thread']} warm-up requests per thread)."
+        f"Cells: requests per second, median over {r['rounds']} rounds (min-max), then the medians "
+        "of the rounds' p50 / p99 latency. Measured requests per round "
+        f"({' / '.join(map(str, r['threads']))} threads): "
+        + ", ".join(f"{S3_IAM_OPS[op]} {' / '.join(map(str, v.values()))}" for op, v in per.items())
+        + f"; each cell capped at {r['cell_seconds_cap']:g} s, after {r['warmup_per_thread']} "
+        "warm-up requests per thread."
     )
     fo = r.get("failover")
     if fo:

@@ -37,6 +37,7 @@ import itertools
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -350,7 +351,7 @@ def measure(
 
 
 def requests_for(op: str, threads: int, scale: float) -> int:
-    base = {"put_4KiB": 150, "get_4KiB": 300, "put_1MiB": 30, "get_1MiB": 60, "create_user": 100}[op]
+    base = {"put_4KiB": 80, "get_4KiB": 150, "put_1MiB": 20, "get_1MiB": 40, "create_user": 60}[op]
     return max(threads * 2, int(base * (2 if threads > 1 else 1) * scale))
 
 
@@ -517,16 +518,34 @@ def large_object(c: Cloud, size: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- run
 
 
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell over its rounds: rate median (min-max), medians of p50/p99, totals."""
+    ok = [r for r in rounds if r["n"]]
+    errors = [r["first_error"] for r in rounds if r["first_error"]]
+    return {
+        "rounds": len(rounds),
+        "n": sum(r["n"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
+        "first_error": errors[0] if errors else None,
+        "rate": summary([r["rate"] for r in ok], 1),
+        "p50_ms": round(statistics.median(r["p50_ms"] for r in ok), 2) if ok else None,
+        "p99_ms": round(statistics.median(r["p99_ms"] for r in ok), 2) if ok else None,
+    }
+
+
 def run(
     scale: float = 1.0,
-    cell_seconds: float = 20.0,
+    rounds: int = 3,
+    cell_seconds: float = 15.0,
     failover_trials: int = 5,
     large_mib: int = 1024,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "threads": list(THREADS),
+        "rounds": rounds,
         "cell_seconds_cap": cell_seconds,
         "warmup_per_thread": 2,
+        "requests_per_round": {op: {f"t{n}": requests_for(op, n, scale) for n in THREADS} for op in OPS},
         "ops": {},
     }
     tmp = Path(tempfile.mkdtemp(prefix="euca-bench-s3-"))
@@ -543,17 +562,19 @@ def run(
                 prepare(t)
             targets.append(stack.enter_context(nginx_server(tmp, static_files())))
             out["targets"] = [t.name for t in targets]
-            for op in OPS:
-                cells: dict[str, Any] = {}
-                for threads in THREADS:
-                    for t in targets:
-                        if op not in t.ops:
-                            continue
-                        total = requests_for(op, threads, scale)
-                        r = measure(t, op, threads, total, max_seconds=cell_seconds)
-                        cells.setdefault(t.name, {})[f"t{threads}"] = r
-                        print(f"  {op} {t.name} x{threads}: {r}", flush=True)
-                out["ops"][op] = cells
+            raw: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+            for rnd in range(rounds):  # whole grid per round: drifting load hits every cell alike
+                for op in OPS:
+                    for threads in THREADS:
+                        for t in targets:
+                            if op not in t.ops:
+                                continue
+                            total = requests_for(op, threads, scale)
+                            r = measure(t, op, threads, total, max_seconds=cell_seconds)
+                            raw.setdefault((op, t.name, threads), []).append(r)
+                            print(f"  round {rnd} {op} {t.name} x{threads}: {r}", flush=True)
+            for (op, name, threads), rs in raw.items():
+                out["ops"].setdefault(op, {}).setdefault(name, {})[f"t{threads}"] = combine(rs)
             if large_mib:
                 out["large"] = large_object(ha, large_mib * MiB)
                 print(f"  large: {out['large']}", flush=True)
