@@ -768,6 +768,41 @@ def test_wiped_backup_gets_every_objects_bytes_by_state_transfer_then_serves_the
     _check_objects(cloud, "node-b", w)
 
 
+def test_backup_with_its_walrus_db_removed_catches_up_bytes_from_the_log_without_load(
+    ha_cloud: Cloud,
+) -> None:
+    """The other way back: the primary still has the whole log (no state transfer), nothing is
+    being written, and node-b must still fetch every blob and become in sync on its own."""
+    cloud = ha_cloud
+    wait_until(lambda: _caught_up(cloud), timeout=60, what="HA settled")
+    s3 = client(cloud, "node-a")
+    s3.create_bucket(Bucket="log-bucket")
+    expected = {
+        f"o{i:02d}": body_for(f"o{i:02d}", 2 * MiB + i if i % 4 == 0 else 500 + 37 * i) for i in range(12)
+    }
+    for key, data in expected.items():
+        s3.put_object(Bucket="log-bucket", Key=key, Body=data)
+    s3.delete_object(Bucket="log-bucket", Key="o11")
+    del expected["o11"]
+    wait_until(lambda: _caught_up(cloud), timeout=60, what="node-b in sync")
+    run_cli("down", "--dir", str(cloud.root), "--node", "node-b")
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{_walrus_db(cloud, 'node-b')}{suffix}").unlink()
+    shutil.rmtree(_blob_root(cloud, "node-b"))
+    run_cli("up", "--dir", str(cloud.root), "--node", "node-b")
+    wait_until(lambda: _caught_up(cloud), timeout=120, what="node-b DISABLED, in sync, lag 0 (no load)")
+    a_objs = _replica_objects(cloud, "node-a")
+    wait_until(lambda: _replica_objects(cloud, "node-b") == a_objs, timeout=30, what="replicas equal")
+    os.kill(cloud.pid("node-a"), signal.SIGKILL)
+    wait_until(lambda: cloud.enabled("walrus", via="node-b") == "node-b.walrus", timeout=30, what="failover")
+    sb = client(cloud, "node-b")
+    listed = [c["Key"] for c in sb.list_objects_v2(Bucket="log-bucket")["Contents"]]
+    assert listed == sorted(expected)
+    for key, data in expected.items():
+        assert sb.get_object(Bucket="log-bucket", Key=key)["Body"].read() == data, key
+
+
 def test_aws_cli_cp_100mib_and_sync_through_s3_urls_after_kill9(ha_cloud: Cloud, tmp_path: Path) -> None:
     wait_until(lambda: _caught_up(ha_cloud), timeout=60, what="HA settled")
     env = {**os.environ, **eucarc(ha_cloud), "HOME": str(tmp_path)}
