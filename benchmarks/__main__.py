@@ -29,6 +29,7 @@ BENCHMARKS = {
     "read_after_failover": "benchmarks.read_after_failover",
     "arbitrator": "benchmarks.arbitrator",
     "cc_scale": "benchmarks.cc_scale",
+    "s3_iam": "benchmarks.s3_iam",
 }
 
 

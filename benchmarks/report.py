@@ -175,12 +175,91 @@ def t_testbed_boot(r: dict[str, Any]) -> str:
     )
 
 
+S3_IAM_OPS = {
+    "put_4KiB": "PutObject 4 KiB",
+    "put_1MiB": "PutObject 1 MiB",
+    "get_4KiB": "GetObject 4 KiB",
+    "get_1MiB": "GetObject 1 MiB",
+    "create_user": "IAM CreateUser",
+}
+S3_IAM_TARGETS = {
+    "single": "euca `up`",
+    "ha": "euca `up --ha`",
+    "moto": "moto server",
+    "nginx": "nginx (static)",
+}
+
+
+def _cell(c: dict[str, Any] | None) -> str:
+    """'rate/s (min-max), p50 / p99 ms' of one s3_iam cell (medians over rounds)."""
+    if not c or not c.get("n"):
+        return "n/a"
+    err = f", **{c['errors']} errors**" if c.get("errors") else ""
+    rate = c["rate"]
+    return (
+        f"{rate['p50']:.0f}/s ({rate['min']:.0f}-{rate['max']:.0f}), "
+        f"{c['p50_ms']:.1f} / {c['p99_ms']:.1f} ms{err}"
+    )
+
+
+def t_s3_iam(r: dict[str, Any]) -> str:
+    targets = [t for t in S3_IAM_TARGETS if t in r.get("targets", [])]
+    lines = []
+    for threads in r["threads"]:
+        lines += [
+            f"**{threads} client thread{'s' if threads > 1 else ''}**: requests/s, p50 / p99 latency.",
+            "",
+            "| operation | " + " | ".join(S3_IAM_TARGETS[t] for t in targets) + " |",
+            "|---|" + "---|" * len(targets),
+        ]
+        for op, label in S3_IAM_OPS.items():
+            cells = r["ops"].get(op, {})
+            row = [_cell(cells.get(t, {}).get(f"t{threads}")) if t in cells else "-" for t in targets]
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        lines.append("")
+    per = r["requests_per_round"]
+    lines.append(
+        f"Cells: requests per second, median over {r['rounds']} rounds (min-max), then the medians "
+        "of the rounds' p50 / p99 latency. Measured requests per round "
+        f"({' / '.join(map(str, r['threads']))} threads): "
+        + ", ".join(f"{S3_IAM_OPS[op]} {' / '.join(map(str, v.values()))}" for op, v in per.items())
+        + f"; each cell capped at {r['cell_seconds_cap']:g} s, after {r['warmup_per_thread']} "
+        "warm-up requests per thread."
+    )
+    fo = r.get("failover")
+    if fo:
+        lines += [
+            "",
+            "| S3 failover (`kill -9` of the walrus primary's process) | value |",
+            "|---|---|",
+            f"| trials | {fo['trials']} |",
+            f"| longest gap between successful puts, median (min-max) | {_s(fo['gap_seconds'], ' s')} |",
+            f"| first success after the kill, median (min-max) | "
+            f"{_s(fo['first_success_after_kill_seconds'], ' s')} |",
+            f"| errors seen by the clients (boto3 standard retries) | {fo['client_errors']} |",
+        ]
+    big = r.get("large")
+    if big:
+        rss = big["rss_mib"]
+        lines += [
+            "",
+            f"| {big['size_mib']} MiB object through `up --ha` | value |",
+            "|---|---|",
+            f"| PutObject (replicated, fsynced) | {big['put_mib_s']} MiB/s |",
+            f"| GetObject | {big['get_mib_s']} MiB/s |",
+            *(f"| RSS of {n}: before, peak | {v['before']} MiB, {v['peak']} MiB |" for n, v in rss.items()),
+            f"| largest peak RSS growth | {big['peak_growth_mib']} MiB |",
+        ]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "replication_cost": t_replication_cost,
     "failover": t_failover,
     "switchover": t_switchover,
     "read_after_failover": t_read_after_failover,
     "testbed_boot": t_testbed_boot,
+    "s3_iam": t_s3_iam,
 }
 
 

@@ -17,6 +17,7 @@ packages=(
   procps
   util-linux          # nsenter, mount
   postgresql          # the optional production backend (euca_postgresql role, tests)
+  nginx-light         # static-file ceiling of the S3 benchmark (run as a throwaway child process)
 )
 
 if [[ $(id -u) -ne 0 ]]; then

@@ -66,7 +66,7 @@ from euca_runtime.component import (
 from euca_runtime.log import get_logger
 from euca_runtime.store import Changes
 from euca_runtime.walrus import s3
-from euca_runtime.walrus.blobs import BlobError, BlobStore, check_id
+from euca_runtime.walrus.blobs import BlobError, BlobStore, Digests, check_id
 from euca_runtime.walrus.model import (
     WALRUS,
     Blob,
@@ -297,9 +297,20 @@ class Walrus(Component):
         return {}
 
     async def _blob_whole(self, body: Any, info: RequestInfo) -> dict[str, Any]:
-        await self._blob_begin(body, info)
-        await self._blob_data({**body, "offset": 0}, info)
-        return await self._blob_end(body, info)
+        self._check_epoch(body)
+        blob_id = check_id(body.get("blob_id"))
+        data = body.get("data")
+        if not isinstance(data, bytes):
+            raise _err("InvalidArgument", "blob_whole needs bytes")
+        self.blobs.expire_writers(SESSION_IDLE)
+        try:
+            d = await asyncio.to_thread(self.blobs.write_whole, blob_id, data)
+        except BlobError as exc:
+            raise _err(exc.kind, exc.message) from None
+        if d.size != int(body["size"]) or d.sha256 != body.get("sha256"):
+            self.blobs.abort(blob_id)
+            raise _err("BadDigest", f"blob {blob_id} arrived damaged")
+        return {}
 
     async def _blob_abort(self, body: Any, info: RequestInfo) -> dict[str, Any]:
         self.blobs.abort(check_id(body.get("blob_id")))
@@ -507,25 +518,45 @@ class Walrus(Component):
             raise _err("InvalidArgument", f"put_small takes at most {CHUNK} bytes")
         self._put_target(body)
         blob_id = uuid.uuid4().hex
-        w = await asyncio.to_thread(self.blobs.begin, blob_id, md5=True)
-        await asyncio.to_thread(w.write, 0, data)
         sha = hashlib.sha256(data).hexdigest()
         epoch = self._epoch()
         whole = {"blob_id": blob_id, "epoch": epoch, "data": data, "size": len(data), "sha256": sha}
-        peers = await self._push(self._peers(), "blob_whole", whole)
+        # The local copy (written and fsynced in one thread hop) and the copies on the peers
+        # are made at the same time.
+        local, pushed = await asyncio.gather(
+            asyncio.to_thread(self.blobs.write_whole, blob_id, data, md5=True),
+            self._push(self._peers(), "blob_whole", whole),
+            return_exceptions=True,
+        )
+        peers = pushed if isinstance(pushed, list) else []
+        if isinstance(local, BaseException) or isinstance(pushed, BaseException):
+            await self._discard_blob(blob_id, peers)
+            exc = local if isinstance(local, BaseException) else pushed
+            assert isinstance(exc, BaseException)
+            if isinstance(exc, BlobError):
+                raise _err("InternalError", exc.message) from None
+            raise exc
         sess = _Session("", blob_id, str(body["bucket"]), str(body["key"]), epoch, peers, size=len(data))
         try:
-            return await self._commit(sess, body, info, peers_done=True)
+            return await self._commit(sess, body, info, peers_done=True, digests=local)
         except BaseException:
             await self._discard_blob(blob_id, peers)
             raise
 
     async def _commit(
-        self, sess: _Session, body: Mapping[str, Any], info: RequestInfo, *, peers_done: bool = False
+        self,
+        sess: _Session,
+        body: Mapping[str, Any],
+        info: RequestInfo,
+        *,
+        peers_done: bool = False,
+        digests: Digests | None = None,
     ) -> dict[str, Any]:
-        """Fsync every copy, check the digests, then commit the metadata (replicated)."""
+        """Fsync every copy, check the digests, then commit the metadata (replicated).
+
+        `digests`: the local copy is already finished (fsynced) with these digests."""
         self._put_target(body)
-        d = await asyncio.to_thread(self.blobs.finish, sess.blob_id)
+        d = digests if digests is not None else await asyncio.to_thread(self.blobs.finish, sess.blob_id)
         declared = body.get("size")
         if declared is not None and int(declared) != d.size:
             raise _err("IncompleteBody", f"got {d.size} bytes, Content-Length said {declared}")

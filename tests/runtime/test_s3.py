@@ -7,9 +7,13 @@ concurrent writers while the primary is killed (-9), frozen past its lease and s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -635,3 +639,212 @@ def test_switchover_under_s3_load_fails_no_request(ha_cloud: Cloud) -> None:
     assert w.refused == {}
     _check_objects(ha_cloud, b, w)
     _wait_settled_and_verify_backup(ha_cloud, w, p, b)
+
+
+# --------------------------------------------------------------------------- state transfer of bytes
+
+LOG_KEEP = 10_000
+"""`Store.open`'s default `log_keep`: change records a primary retains for catch-up."""
+
+
+def _walrus_db(cloud: Cloud, node: str) -> Path:
+    return cloud.layout.data_dir(node) / f"{node}.walrus.db"
+
+
+def _blob_root(cloud: Cloud, node: str) -> Path:
+    return cloud.layout.data_dir(node) / "walrus" / f"{node}.walrus"
+
+
+def _replica_objects(cloud: Cloud, node: str) -> dict[tuple[str, str], tuple[int, str]]:
+    """(bucket, key) -> (size, sha256 of the bytes), read from `node`'s own database and blob files.
+
+    Fails (AssertionError) if a blob the metadata refers to is absent or damaged on disk.
+    """
+    out: dict[tuple[str, str], tuple[int, str]] = {}
+    with contextlib.closing(sqlite3.connect(_walrus_db(cloud, node))) as conn:
+        blobs = {b: (int(n), sha) for b, n, sha in conn.execute("select blob_id, size, sha256 from blobs")}
+        rows = conn.execute("select bucket, key, size, segments from objects").fetchall()
+    root = _blob_root(cloud, node) / "blobs"
+    for bucket, key, size, segments in rows:
+        h = hashlib.sha256()
+        for blob_id, n in json.loads(segments):
+            path = root / blob_id[:2] / blob_id
+            assert path.is_file(), f"{node}: blob {blob_id} of {bucket}/{key} missing"
+            data = path.read_bytes()
+            assert len(data) == n == blobs[blob_id][0], (node, bucket, key, blob_id)
+            assert hashlib.sha256(data).hexdigest() == blobs[blob_id][1], (node, bucket, key, blob_id)
+            h.update(data)
+        out[(bucket, key)] = (int(size), h.hexdigest())
+    return out
+
+
+def _caught_up(cloud: Cloud) -> bool:
+    rows = {s["name"]: s for s in cloud.services("node-a")}
+    b = rows["node-b.walrus"]
+    return (
+        rows["node-a.walrus"]["state"] == "ENABLED"
+        and b["state"] == "DISABLED"
+        and bool(b["in_sync"])
+        and b.get("lag") == 0
+    )
+
+
+def _fill_log(cloud: Cloud, records: int) -> None:
+    """Push walrus's change log `records` records further (one small put each, sequentially)."""
+    s3 = client(cloud, "node-a")
+    start = int(cloud.service("node-a.walrus", via="node-a")["seq"])
+    i = 0
+    while int(cloud.service("node-a.walrus", via="node-a")["seq"]) < start + records:
+        for _ in range(200):
+            i += 1
+            key = f"fill/{i % 50:02d}"
+            s3.put_object(Bucket="st-bucket", Key=key, Body=body_for(f"{key}#{i}", 1 + i % 300))
+
+
+def test_wiped_backup_gets_every_objects_bytes_by_state_transfer_then_serves_them(
+    ha_cloud: Cloud, tmp_path: Path
+) -> None:
+    cloud = ha_cloud
+    wait_until(lambda: _caught_up(cloud), timeout=60, what="HA settled")
+    s3 = client(cloud, "node-a")
+    s3.create_bucket(Bucket="st-bucket")
+    s3.create_bucket(Bucket="ha-bucket")
+    expected: dict[str, bytes] = {}
+    for i in range(30):  # small (one bus call) and streamed (several chunks) objects
+        key = f"obj/{i:02d}"
+        expected[key] = body_for(key, (3 * MiB + 11 * i) if i % 5 == 0 else 100 + 997 * i)
+        s3.put_object(Bucket="st-bucket", Key=key, Body=expected[key])
+    s3.copy_object(Bucket="st-bucket", Key="obj/copy", CopySource="st-bucket/obj/05")
+    expected["obj/copy"] = expected["obj/05"]
+    wait_until(lambda: _caught_up(cloud), timeout=60, what="node-b in sync after the load")
+
+    # node-b loses everything: its walrus database and its blob files.
+    run_cli("down", "--dir", str(cloud.root), "--node", "node-b")
+    wait_until(
+        lambda: cloud.service("node-b.walrus", via="node-a")["state"] == "NOTREADY", what="node-b seen down"
+    )
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{_walrus_db(cloud, 'node-b')}{suffix}").unlink()
+    shutil.rmtree(_blob_root(cloud, "node-b"))
+    # Past the primary's retained log, so catching up needs a state transfer, not a replay.
+    _fill_log(cloud, LOG_KEEP + 100)
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="st-bucket")
+    fills = {c["Key"] for p in pages for c in p["Contents"]}
+
+    with S3Writers(cloud, ["node-a", "node-a"], "st") as w:
+        wait_until(lambda: w.count() >= 10, what="puts flowing")
+        run_cli("up", "--dir", str(cloud.root), "--node", "node-b")
+        wait_until(lambda: _caught_up(cloud), timeout=180, what="rebuilt node-b DISABLED, in sync, lag 0")
+        n = w.count()
+        wait_until(lambda: w.count() >= n + 10, what="puts while node-b is in sync")
+    assert w.refused == {}, w.refused
+    log = (cloud.root / "node-b.log").read_text().splitlines()
+    installed = [line for line in log if "state transfer installed" in line and "walrus" in line]
+    assert installed, "node-b's walrus caught up without a state transfer"
+    fetched = [line for line in log if "walrus blob fetched" in line]
+    assert len(fetched) >= len(expected) - 1, len(fetched)  # the copy shares its source's blob
+    print(f"{installed[-1]}; {len(fetched)} blobs fetched after the transfer")
+    wait_until(lambda: _caught_up(cloud), timeout=60, what="node-b in sync after the writers")
+
+    # Both replicas hold the same objects, every byte present and intact on node-b's disk.
+    a_objs = _replica_objects(cloud, "node-a")
+    b_objs = wait_until(
+        lambda: (o := _replica_objects(cloud, "node-b")) == a_objs and o, timeout=30, what="replicas equal"
+    )
+    for key, data in expected.items():
+        assert b_objs[("st-bucket", key)] == (len(data), hashlib.sha256(data).hexdigest()), key
+    assert {k for b, k in b_objs if b == "st-bucket"} == fills
+
+    # A failover to the rebuilt backup serves every object.
+    os.kill(cloud.pid("node-a"), signal.SIGKILL)
+    wait_until(lambda: cloud.enabled("walrus", via="node-b") == "node-b.walrus", timeout=30, what="failover")
+    sb = client(cloud, "node-b")
+    for key, data in expected.items():
+        assert sb.get_object(Bucket="st-bucket", Key=key)["Body"].read() == data, key
+    for (bucket, key), (size, digest) in a_objs.items():
+        got = sb.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert len(got) == size and hashlib.sha256(got).hexdigest() == digest, (bucket, key)
+    _check_objects(cloud, "node-b", w)
+
+
+def test_backup_with_its_walrus_db_removed_catches_up_bytes_from_the_log_without_load(
+    ha_cloud: Cloud,
+) -> None:
+    """The other way back: the primary still has the whole log (no state transfer), nothing is
+    being written, and node-b must still fetch every blob and become in sync on its own."""
+    cloud = ha_cloud
+    wait_until(lambda: _caught_up(cloud), timeout=60, what="HA settled")
+    s3 = client(cloud, "node-a")
+    s3.create_bucket(Bucket="log-bucket")
+    expected = {
+        f"o{i:02d}": body_for(f"o{i:02d}", 2 * MiB + i if i % 4 == 0 else 500 + 37 * i) for i in range(12)
+    }
+    for key, data in expected.items():
+        s3.put_object(Bucket="log-bucket", Key=key, Body=data)
+    s3.delete_object(Bucket="log-bucket", Key="o11")
+    del expected["o11"]
+    wait_until(lambda: _caught_up(cloud), timeout=60, what="node-b in sync")
+    run_cli("down", "--dir", str(cloud.root), "--node", "node-b")
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{_walrus_db(cloud, 'node-b')}{suffix}").unlink()
+    shutil.rmtree(_blob_root(cloud, "node-b"))
+    run_cli("up", "--dir", str(cloud.root), "--node", "node-b")
+    wait_until(lambda: _caught_up(cloud), timeout=120, what="node-b DISABLED, in sync, lag 0 (no load)")
+    a_objs = _replica_objects(cloud, "node-a")
+    wait_until(lambda: _replica_objects(cloud, "node-b") == a_objs, timeout=30, what="replicas equal")
+    os.kill(cloud.pid("node-a"), signal.SIGKILL)
+    wait_until(lambda: cloud.enabled("walrus", via="node-b") == "node-b.walrus", timeout=30, what="failover")
+    sb = client(cloud, "node-b")
+    listed = [c["Key"] for c in sb.list_objects_v2(Bucket="log-bucket")["Contents"]]
+    assert listed == sorted(expected)
+    for key, data in expected.items():
+        assert sb.get_object(Bucket="log-bucket", Key=key)["Body"].read() == data, key
+
+
+def test_aws_cli_cp_100mib_and_sync_through_s3_urls_after_kill9(ha_cloud: Cloud, tmp_path: Path) -> None:
+    wait_until(lambda: _caught_up(ha_cloud), timeout=60, what="HA settled")
+    env = {**os.environ, **eucarc(ha_cloud), "HOME": str(tmp_path)}
+    urls = env["S3_URLS"].split()
+    assert len(urls) == 2, urls
+
+    def aws(url: str, *args: str) -> str:
+        proc = subprocess.run(
+            [AWS, "--endpoint-url", url, *args], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, f"aws {' '.join(args)} via {url}: {proc.stderr}"
+        return proc.stdout
+
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        src = _Pattern(100 * MiB)
+        while chunk := src.read(8 * MiB):
+            f.write(chunk)
+    tree = tmp_path / "tree"
+    for i in range(12):
+        p = tree / f"d{i % 3}" / f"f{i:02d}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(body_for(str(p), 10 + 40_000 * i))
+    aws(urls[0], "s3", "mb", "s3://cli-ha")
+    aws(urls[0], "s3", "cp", str(big), "s3://cli-ha/big-before.bin")
+    aws(urls[0], "s3", "sync", str(tree), "s3://cli-ha/tree")
+
+    os.kill(ha_cloud.pid("node-a"), signal.SIGKILL)
+    # Through the surviving endpoint of S3_URLS: the CLI carries on.
+    aws(urls[1], "s3", "cp", str(big), "s3://cli-ha/big-after.bin")
+    (tree / "d0" / "f00.txt").write_bytes(b"changed after the failover\n")
+    (tree / "new.txt").write_bytes(b"new after the failover\n")
+    out = aws(urls[1], "s3", "sync", str(tree), "s3://cli-ha/tree")
+    assert "new.txt" in out and "f00.txt" in out, out
+    for name in ("big-before.bin", "big-after.bin"):
+        dst = tmp_path / f"back-{name}"
+        aws(urls[1], "s3", "cp", f"s3://cli-ha/{name}", str(dst))
+        assert dst.stat().st_size == big.stat().st_size
+        assert hashlib.sha256(dst.read_bytes()).digest() == hashlib.sha256(big.read_bytes()).digest(), name
+    back = tmp_path / "tree-back"
+    aws(urls[1], "s3", "sync", "s3://cli-ha/tree", str(back))
+    got = {p.relative_to(back): p.read_bytes() for p in back.rglob("*") if p.is_file()}
+    want = {p.relative_to(tree): p.read_bytes() for p in tree.rglob("*") if p.is_file()}
+    assert got == want
+    assert ha_cloud.enabled("walrus", via="node-b") == "node-b.walrus"

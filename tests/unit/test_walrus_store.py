@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -276,3 +277,25 @@ def test_a_reader_keeps_reading_a_blob_removed_meanwhile(rep: Replica) -> None:
     rep.apply({"op": "delete", "table": "objects", "bucket": "bkt", "key": "k"})
     assert not rep.blobs.final_path(_bid(1)).exists()
     assert rep.blobs.read(_bid(1), 5, 5) == b"56789"
+
+
+def test_write_whole_stages_a_small_blob_in_one_call_and_the_op_installs_it(rep: Replica) -> None:
+    data = b"a small object" * 100
+    d = rep.blobs.write_whole(_bid(9), data, md5=True)
+    assert (d.size, d.sha256, d.md5) == (
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+        hashlib.md5(data).hexdigest(),
+    )
+    assert d.crc32 == zlib.crc32(data)
+    assert rep.blobs.staging_path(_bid(9)).read_bytes() == data
+    with pytest.raises(BlobError):  # finished: no longer open for writing
+        rep.blobs.writer(_bid(9))
+    rep.apply({"op": "put", "table": "buckets", "name": "bkt", "owner": "acct", "created": 1.0})
+    rep.apply(_blob(data, 9), _obj("bkt", "k", [(_bid(9), len(data))]))
+    assert rep.blobs.read(_bid(9), 0, len(data)) == data
+    assert not list(rep.blobs.staging.iterdir())
+    # A whole blob whose digest does not match the op stays missing, not installed.
+    rep.blobs.write_whole(_bid(10), b"damaged")
+    rep.apply(_blob(b"intact!", 10), _obj("bkt", "k2", [(_bid(10), 7)]))
+    assert _bid(10) in rep.blobs.missing and not rep.blobs.has(_bid(10))
