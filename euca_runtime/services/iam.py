@@ -155,7 +155,7 @@ def _decode_marker(value: Any) -> str | None:
     if value in (None, ""):
         return None
     try:
-        return base64.urlsafe_b64decode(str(value).encode()).decode()
+        return base64.b64decode(str(value).encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError):
         raise RequestError(
             "ValidationError", "Invalid Marker (use the Marker of the previous page)"
