@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from euca_runtime.sigv4 import AuthError
+from euca_runtime.sigv4 import AuthError, ParsedAuth, check_signature
 from euca_runtime.tls import write_private
 
 if TYPE_CHECKING:
@@ -231,6 +231,17 @@ class KeyCache:
         return info
 
 
+async def authenticate(cache: KeyCache, parsed: ParsedAuth, payload_sha256: str) -> KeyInfo:
+    """Resolve `parsed.access_key` and check the signature; the key's `KeyInfo` or `AuthError`.
+
+    Raises `ServiceUnavailable` when the clc could not be asked (answer 503, retryable).
+    `payload_sha256` as for `euca_runtime.sigv4.check_signature`.
+    """
+    info = await cache.resolve(parsed.access_key)
+    check_signature(parsed, info.secret_key, payload_sha256)
+    return info
+
+
 _CACHES: weakref.WeakKeyDictionary[Any, KeyCache] = weakref.WeakKeyDictionary()
 
 
@@ -249,6 +260,7 @@ __all__ = [
     "KeyCache",
     "KeyInfo",
     "SecretBox",
+    "authenticate",
     "key_cache",
     "load_credential_key",
     "make_credential_key",

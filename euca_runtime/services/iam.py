@@ -46,6 +46,7 @@ from euca_runtime.component import ComponentHandler, RequestError, RequestInfo, 
 from euca_runtime.credentials import (
     CredentialKeyError,
     SecretBox,
+    authenticate,
     key_cache,
     load_credential_key,
     new_access_key_id,
@@ -54,7 +55,7 @@ from euca_runtime.credentials import (
     new_user_id,
 )
 from euca_runtime.log import get_logger
-from euca_runtime.sigv4 import AuthError, check_signature, parse_request, query_error
+from euca_runtime.sigv4 import AuthError, parse_request, query_error
 
 if TYPE_CHECKING:
     from euca_runtime.node import Node
@@ -154,7 +155,7 @@ def _decode_marker(value: Any) -> str | None:
     if value in (None, ""):
         return None
     try:
-        return base64.urlsafe_b64decode(str(value).encode()).decode()
+        return base64.b64decode(str(value).encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError):
         raise RequestError(
             "ValidationError", "Invalid Marker (use the Marker of the previous page)"
@@ -661,8 +662,7 @@ def make_api_app(node: Node, *, timeout: float = DEFAULT_TIMEOUT) -> web.Applica
                     "Credential should be scoped to correct service: 'iam'.",
                     presigned=parsed.presigned,
                 )
-            info = await keys.resolve(parsed.access_key)
-            check_signature(parsed, info.secret_key, hashlib.sha256(body).hexdigest())
+            info = await authenticate(keys, parsed, hashlib.sha256(body).hexdigest())
         except AuthError as exc:
             status, code, message = query_error(exc)
             if exc.kind == "signature_mismatch" and "scoped" in exc.message:

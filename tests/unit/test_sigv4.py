@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import stat
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -13,6 +16,13 @@ from botocore.credentials import Credentials
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from euca_runtime.credentials import (
+    CredentialKeyError,
+    KeyCache,
+    SecretBox,
+    load_credential_key,
+    make_credential_key,
+)
 from euca_runtime.sigv4 import (
     STREAMING_PAYLOAD,
     UNSIGNED_PAYLOAD,
@@ -295,3 +305,64 @@ def test_any_key_and_query_signed_by_botocore_verifies(
     else:
         cls = SigV4QueryAuth if presign else SigV4Auth
     _verify(_sign(cls, url, service=service))
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def test_secret_box_and_key_file(tmp_path: Path) -> None:
+    path = make_credential_key(tmp_path / "credentials.key")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    box = SecretBox(load_credential_key(path))
+    sealed = box.seal("AKIAONE", SECRET)
+    assert SECRET.encode() not in sealed
+    assert box.open("AKIAONE", sealed) == SECRET
+    with pytest.raises(CredentialKeyError):
+        box.open("AKIATWO", sealed)  # bound to its access key id
+    with pytest.raises(CredentialKeyError):
+        SecretBox(bytes(32)).open("AKIAONE", sealed)  # another cloud's key
+    path.chmod(0o644)
+    with pytest.raises(CredentialKeyError, match="chmod 600"):
+        load_credential_key(path)
+    with pytest.raises(CredentialKeyError, match="no credential_key"):
+        load_credential_key(None)
+    (tmp_path / "bad.key").write_text("zz\n")
+    (tmp_path / "bad.key").chmod(0o600)
+    with pytest.raises(CredentialKeyError, match="hex"):
+        load_credential_key(tmp_path / "bad.key")
+
+
+def test_key_cache_bounds_revocation_by_its_ttl() -> None:
+    now = [0.0]
+    table: dict[str, dict[str, object] | None] = {
+        "AKIAONE": {"secret_key": SECRET, "user": "alice", "account": "eucalyptus", "active": True}
+    }
+    calls: list[str] = []
+
+    async def fetch(key: str) -> dict[str, object] | None:
+        calls.append(key)
+        await asyncio.sleep(0)
+        return table.get(key)
+
+    async def scenario() -> None:
+        cache = KeyCache(None, ttl=5.0, negative_ttl=0.5, fetch=fetch, clock=lambda: now[0])
+        infos = await asyncio.gather(*(cache.resolve("AKIAONE") for _ in range(5)))
+        assert {i.user for i in infos} == {"alice"} and calls == ["AKIAONE"]  # one shared lookup
+        assert SECRET not in repr(infos[0])
+        table["AKIAONE"] = None  # deleted on the clc
+        now[0] = 4.9
+        assert (await cache.resolve("AKIAONE")).user == "alice"  # still cached: within the bound
+        now[0] = 5.1
+        with pytest.raises(AuthError) as exc:
+            await cache.resolve("AKIAONE")
+        assert exc.value.kind == "unknown_key"
+        table["AKIAONE"] = {"secret_key": SECRET, "user": "alice", "account": "eucalyptus", "active": False}
+        now[0] = 5.5
+        with pytest.raises(AuthError):
+            await cache.resolve("AKIAONE")  # negative answer cached for 0.5 s
+        now[0] = 5.7
+        with pytest.raises(AuthError) as exc:
+            await cache.resolve("AKIAONE")
+        assert exc.value.kind == "inactive_key"
+
+    asyncio.run(scenario())
