@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,15 +141,23 @@ def record(bed: Bed, verb: str, **args: Any) -> None:
 # --------------------------------------------------------------------------- up / down
 
 
-def up(name: str, count: int, timeout: float = BOOT_TIMEOUT) -> Bed:
+def up(name: str, count: int, timeout: float = BOOT_TIMEOUT, binds: Sequence[str | Path] = ()) -> Bed:
+    """Boot a bed of `count` hosts. `binds`: controller directories every host sees read-only at
+    the same path (a checkout and its venv, say, when they live under /tmp: a host's /tmp is its
+    own tmpfs)."""
     preflight()
     check_bed_name(name)
     check_host_count(count)
+    resolved = [str(Path(b).resolve()) for b in binds]
+    for path in resolved:
+        if not Path(path).is_dir():
+            raise TestbedError(f"bind {path}: not a directory on the controller")
     with locked(name):
         if state_file(name).exists():
             raise TestbedError(f"a testbed named {name!r} is already up: pick another --name or `down` it")
         used = {b.index for b in list_beds()}
         bed = new_bed(name, count, used)
+        bed.binds = resolved
         bed.dir.mkdir(parents=True, exist_ok=True)
         save(bed)  # first, so that `down` finds whatever a failed up leaves
         try:

@@ -55,6 +55,7 @@ def nspawn(bed: Bed, host: Host, root: Path) -> list[str]:
         "--console=read-only",
         "--resolv-conf=off",
         "--timezone=off",
+        *(f"--bind-ro={path}" for path in bed.binds),
     ]
 
 

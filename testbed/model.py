@@ -84,6 +84,9 @@ class Bed:
     index: int
     hosts: list[Host]
     faults: list[Fault] = field(default_factory=list)
+    binds: list[str] = field(default_factory=list)
+    """Controller directories every host sees read-only at the same path (``--bind-ro``): e.g.
+    a checkout and its venv, which the host's own /tmp (a tmpfs) or overlay might hide."""
 
     @property
     def subnet(self) -> ipaddress.IPv4Network:
@@ -135,6 +138,7 @@ class Bed:
             index=raw["index"],
             hosts=[Host(**h) for h in raw["hosts"]],
             faults=[Fault(**f) for f in raw.get("faults", [])],
+            binds=[str(b) for b in raw.get("binds", [])],
         )
 
 

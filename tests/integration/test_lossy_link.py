@@ -42,6 +42,7 @@ DELAY_MS, LOSS_PCT = 50.0, 1.0
 DEGRADED_FOR = 45.0
 """Seconds the whole bed runs degraded while we watch for a false failover."""
 PY = Path(sys.executable)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -146,6 +147,12 @@ def _write_files(cloud_dir: Path, ips: dict[str, str]) -> str:
     return token
 
 
+def _binds() -> list[Path]:
+    """This checkout and the venv running the tests (when it lives elsewhere)."""
+    venv = Path(sys.prefix).resolve()
+    return [ROOT] if venv.is_relative_to(ROOT) else [ROOT, venv]
+
+
 def _start(cloud: LossyCloud, node: str) -> None:
     cmd = (
         f"systemd-run --unit={UNIT} --collect --property=KillMode=mixed "
@@ -163,7 +170,8 @@ def _main_pid(cloud: LossyCloud, node: str) -> int:
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LossyCloud]:
     try:
-        bed = tb.up(BED, len(HOSTS))
+        # The hosts run this checkout's venv: bind it (a host's /tmp, where a CI clone may live, is its own).
+        bed = tb.up(BED, len(HOSTS), binds=_binds())
         ips = {node: bed.host(h).address for node, h in HOSTS.items()}
         cloud_dir = tmp_path_factory.mktemp("lossy")
         token = _write_files(cloud_dir, ips)
