@@ -212,7 +212,7 @@ def group_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _groups_table(groups: list[dict[str, Any]]) -> str:
+def groups_table(groups: list[dict[str, Any]]) -> str:
     header = ["GROUP", "ENABLED", "EPOCH", "IN_SYNC", "MAX_LAG", "VIP_HOLDER", "INSTANCES"]
     body = []
     for g in groups:
@@ -335,7 +335,7 @@ def _main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "describe-groups":
             groups = group_summary(client.call("GET", "/v1/services", timeout=10.0)["services"])
-            print(json.dumps(groups, indent=2) if args.output == "json" else _groups_table(groups))
+            print(json.dumps(groups, indent=2) if args.output == "json" else groups_table(groups))
             return 0
         if args.cmd == "modify-service":
             res = client.call(

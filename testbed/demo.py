@@ -5,6 +5,7 @@ put/get through every walrus host. Grows with the project."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from euca_runtime.ctl import groups_table
 from testbed import bed as tb
 from testbed.model import STATE_ROOT, TestbedError
 
@@ -107,19 +109,18 @@ def main() -> int:
             if probe.returncode != 0 or probe.stdout.split() != ["970", "700", "active"]:
                 raise TestbedError(f"smoke check failed on {host.name}: {probe.stdout or probe.stderr}")
         print("demo: the runtime is active on every host")
-        strict = ["-e", "euca_status_strict=true"]
+        status_json = STATE_ROOT / NAME / "status.json"
+        strict = ["-e", "euca_status_strict=true", "-e", f"euca_status_json={status_json}"]
         deadline = time.monotonic() + 90
         while True:
             try:
-                _, out = site(inventory, *strict, playbook="playbooks/runbooks/status.yml")
+                site(inventory, *strict, playbook="playbooks/runbooks/status.yml")
                 break
             except TestbedError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(2)
-        shown = out[out.find("TASK [Show the groups]") :]
-        shown = shown[: shown.find("\nTASK [", 1)]
-        table = [ln.strip()[2:].strip("'\"") for ln in shown.splitlines() if ln.strip().startswith("- ")]
+        table = groups_table(json.loads(status_json.read_text())).splitlines()
         print("demo: status runbook:\n  " + "\n  ".join(table))
         site(inventory, "-e", f"euca_eucarc={EUCARC}", playbook="playbooks/runbooks/eucarc.yml")
         print(f"demo: smoke check: {smoke(read_eucarc(EUCARC))}")
@@ -131,6 +132,7 @@ def main() -> int:
         f"\nThe demo cloud's hosts are up on {status['subnet']}:\n"
         + "".join(f"  {h['name']}  {h['address']}  {h['state']}\n" for h in status["hosts"])
         + f"\nReach them:   ssh -F {status['ssh_config']} h1\n"
+        f"Clients:      source {EUCARC}   (AWS CLI / boto3: IAM, S3, EC2 through the hosts)\n"
         f"Ansible:      .venv/bin/ansible-playbook -i {status['inventory']} -i {TOPOLOGY.relative_to(ROOT)} "
         "playbooks/site.yml\n"
         "Status:       .venv/bin/ansible-playbook -i ... playbooks/runbooks/status.yml\n"
