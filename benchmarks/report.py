@@ -288,20 +288,30 @@ def render(results: dict[str, Any], template: str, source: str) -> str:
     return header + text
 
 
+def newest_results(files: list[Path]) -> dict[str, Any]:
+    """Every benchmark's newest result across result files (oldest first): a partial run
+    (``make bench BENCH=name``) on a later day replaces that benchmark's figures only."""
+    merged: dict[str, Any] = {}
+    for path in files:
+        merged.update(json.loads(path.read_text()))
+    return merged
+
+
 def main(argv: list[str]) -> int:
     if argv:
         path = Path(argv[0])
+        results = json.loads(path.read_text())
+        try:
+            source = str(path.resolve().relative_to(ROOT))
+        except ValueError:
+            source = str(path)
     else:
         files = sorted(RESULTS.glob("*.json"))
         if not files:
             print("report: no results in benchmarks/results; run `make bench` first", file=sys.stderr)
             return 2
-        path = files[-1]
-    results = json.loads(path.read_text())
-    try:
-        source = str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        source = str(path)
+        results = newest_results(files)
+        source = ", ".join(str(f.relative_to(ROOT)) for f in files) + " (newest result of each benchmark)"
     OUT.write_text(render(results, TEMPLATE.read_text(), source))
     print(f"report: wrote {OUT.relative_to(ROOT)} from {source}")
     return 0
