@@ -130,21 +130,42 @@ class Cloud:
 
 
 class Writer(threading.Thread):
-    """Writes kv keys through one host's kv API at a steady pace; records acks and errors."""
+    """Writes kv keys at a steady pace through a host's kv API; records acks and errors.
 
-    def __init__(self, cloud: Cloud, host: str, prefix: str, pause: float = 0.05) -> None:
+    `host` may be a list: like a client with every endpoint of eucarc, the writer moves on to
+    the next host when one refuses the connection (its runtime is restarting: the request never
+    reached it, so trying another endpoint is safe). Anything else is an error.
+    """
+
+    def __init__(self, cloud: Cloud, host: str | list[str], prefix: str, pause: float = 0.05) -> None:
         super().__init__(daemon=True)
-        self.cloud, self.host, self.prefix, self.pause = cloud, host, prefix, pause
+        self.cloud, self.prefix, self.pause = cloud, prefix, pause
+        self.hosts = [host] if isinstance(host, str) else list(host)
+        self.host = self.hosts[0]
         self.acked: list[str] = []
         self.errors: list[str] = []
         self._stop_event = threading.Event()
+
+    def _put(self, key: str) -> None:
+        refused: list[str] = []
+        for host in self.hosts:
+            try:
+                self.cloud.put(host, key, key.encode())
+                return
+            except ConnectionRefusedError as exc:
+                refused.append(f"{host}: {exc}")
+            except urllib.error.URLError as exc:
+                if not isinstance(exc.reason, ConnectionRefusedError):
+                    raise
+                refused.append(f"{host}: {exc}")
+        raise OSError("every endpoint refused the connection: " + "; ".join(refused))
 
     def run(self) -> None:
         i = 0
         while not self._stop_event.is_set():
             key = f"{self.prefix}-{i:06d}"
             try:
-                self.cloud.put(self.host, key, key.encode())
+                self._put(key)
                 self.acked.append(key)
             except (OSError, ValueError) as exc:
                 self.errors.append(f"{key}: {exc}")

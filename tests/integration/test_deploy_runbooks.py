@@ -50,7 +50,7 @@ def test_rolling_upgrade_restarts_backups_first_and_never_a_primary(cloud: Cloud
     backup = "h2" if primary == "h1" else "h1"
     # A change that needs a restart on every host (log_level is not reloadable).
     cloud.write_topology(layout(cloud, ["h1", "h2"], euca_runtime_log_level="debug"))
-    writer = Writer(cloud, backup, "ru")
+    writer = Writer(cloud, [backup, primary], "ru")  # every host restarts: use both endpoints
     writer.start()
     try:
         proc = cloud.playbook("playbooks/runbooks/rolling-upgrade.yml")
