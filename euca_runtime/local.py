@@ -604,6 +604,23 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def _unregistered(admin: str, token: str, names: set[str]) -> set[str]:
+    """Which of `names` the clc's service registry does not list yet (all of them on an error)."""
+    try:
+        rows = _http_json(
+            f"{admin}/v1/call",
+            token,
+            method="POST",
+            body={"type": "clc", "partition": None, "method": "list_registry", "body": {}, "timeout": 2.0},
+            timeout=5.0,
+        )
+    except (OSError, ValueError):
+        return set(names)  # the clc is not answering bus calls yet
+    result = rows.get("result") if isinstance(rows, dict) and "result" in rows else rows
+    listed = {str(r.get("name")) for r in (result or []) if isinstance(r, dict) and r.get("registered")}
+    return names - listed
+
+
 def wait_ready(
     layout: Layout, nodes: Iterable[str], timeout: float = UP_TIMEOUT, *, enabled: bool = True
 ) -> list[dict[str, Any]]:
@@ -629,9 +646,15 @@ def wait_ready(
                     last = f"{info.name}: {exc}"
                     continue
                 groups_enabled = {s["group"] for s in services if s["state"] == "ENABLED"}
-                if want <= groups_enabled:
+                if not want <= groups_enabled:
+                    last = f"waiting for ENABLED: {sorted(want - groups_enabled)}"
+                    break
+                # Booted (I4): and every instance has registered itself with the clc, so the
+                # registry (availability zones, service map) is complete when `up` returns.
+                unregistered = _unregistered(info.admin, token, {s["name"] for s in services})
+                if not unregistered:
                     return services
-                last = f"waiting for ENABLED: {sorted(want - groups_enabled)}"
+                last = f"waiting for {sorted(unregistered)} to register with the clc"
                 break
         else:
             last = f"waiting for {sorted(pending)} to answer"

@@ -310,7 +310,8 @@ class Instance:
         self.started = False
         self.started_at = 0.0
         self.ever_followed = False
-        """Has followed a primary since it started (then the boot grace no longer applies)."""
+        """Has followed, or seen, a primary of its group since it started (then the boot grace no
+        longer applies)."""
         self.stopped = False
         self.stop_reason = ""
         self.healthy = False
@@ -1008,6 +1009,7 @@ class Instance:
             if now - self.backup_heard < quiet_after and not self._primary_gone():
                 return
             if self.node.live_primary(self.group, exclude=self.name) is not None:
+                self.ever_followed = True  # a primary exists: the boot grace is over for good
                 return
             if (
                 self.role_hint == "backup"
