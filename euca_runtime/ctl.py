@@ -17,7 +17,8 @@ is down. Commands:
   holder where the group has a service address (``-`` otherwise); ``-o json`` adds
   ``healthy`` (exactly one ENABLED instance and every instance in sync; for groups of
   independent instances such as ``nc`` and ``arbitrator``: every instance ENABLED) and
-  ``recorded_in_sync`` (the in-sync set the voters recorded, as the primary knows it). The runbook
+  ``recorded_in_sync`` (the in-sync set the voters recorded, as the primary knows it).
+  Deregistered instances (tombstones of removed hosts) are left out. The runbook
   ``playbooks/runbooks/status.yml`` prints this table.
 - ``describe-services [-o table|json] [--events]``: every service instance; ``-o json`` is a
   JSON array of objects with at least name, type, partition, host, node, state, epoch,
@@ -176,7 +177,10 @@ def group_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault(str(key), []).append(r)
     out = []
     for key in sorted(groups):
-        members = groups[key]
+        # A deregistered instance (a removed host's tombstone) is not part of the group's health.
+        members = [m for m in groups[key] if not str(m.get("cause") or "").startswith("deregistered")]
+        if not members:
+            continue
         enabled = [m["name"] for m in members if m.get("state") == "ENABLED"]
         lags = [m["lag"] for m in members if isinstance(m.get("lag"), int)]
         vips = sorted({str(m["vip_holder"]) for m in members if m.get("vip_holder")})
