@@ -174,7 +174,13 @@ def stop_cloud(root: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
             os.kill(pid, signal.SIGKILL)
+    # A SIGKILLed process can take a moment to go (in a syscall such as a big fsync, or a zombie
+    # until it is reaped): wait for that, with a deadline, before calling anything left behind.
+    deadline = time.monotonic() + 15.0
     left = processes_under(root)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = processes_under(root)
     assert not left, f"processes left behind: {left}"
 
 
