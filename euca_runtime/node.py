@@ -43,6 +43,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import importlib
 import json
 import math
 import os
@@ -120,6 +121,14 @@ GOSSIP_INTERVAL = 0.25
 TICK = 0.05
 """HA loop period: lease ticks, campaign decisions, state evaluation."""
 PROBE_INTERVAL = 0.5
+API_APPS = (
+    ("kv", "kv", "euca_runtime.services.kv", "make_api_app"),
+    ("iam", "clc", "euca_runtime.services.iam", "make_api_app"),
+    ("ec2", "clc", "euca_runtime.services.ec2", "make_api_app"),
+    ("s3", "walrus", "euca_runtime.walrus.http", "make_s3_app"),
+)
+"""(API listener, component type that serves it, module, app factory): an API is served by a
+process hosting an instance of that type (imported only then)."""
 BOOT_GRACE = 10.0
 """For this long after it starts, a backup (role hint ``backup``) that has not followed any
 primary yet leaves the first campaign to the group's preferred primary (the first host of a
@@ -1479,30 +1488,14 @@ class Node:
         apps: list[tuple[web.Application, str, int, str | None]] = [
             (make_admin_app(self), self.cfg.admin.host, self.cfg.admin.port, None)
         ]
-        kv_addr = self.cfg.api.kv
-        if kv_addr is not None and "kv" in {i.type for i in self.instances.values()}:
-            from euca_runtime.services.kv import make_api_app
-
-            apps.append((make_api_app(self), kv_addr.host, kv_addr.port, "kv"))
-            self.api_urls["kv"] = f"http://{kv_addr}"
-        iam_addr = self.cfg.api.iam
-        if iam_addr is not None and "clc" in {i.type for i in self.instances.values()}:
-            from euca_runtime.services.iam import make_api_app as make_iam_app
-
-            apps.append((make_iam_app(self), iam_addr.host, iam_addr.port, "iam"))
-            self.api_urls["iam"] = f"http://{iam_addr}"
-        ec2_addr = self.cfg.api.ec2
-        if ec2_addr is not None and "clc" in {i.type for i in self.instances.values()}:
-            from euca_runtime.services.ec2 import make_api_app as make_ec2_app
-
-            apps.append((make_ec2_app(self), ec2_addr.host, ec2_addr.port, "ec2"))
-            self.api_urls["ec2"] = f"http://{ec2_addr}"
-        s3_addr = self.cfg.api.s3
-        if s3_addr is not None and "walrus" in {i.type for i in self.instances.values()}:
-            from euca_runtime.walrus.http import make_s3_app
-
-            apps.append((make_s3_app(self), s3_addr.host, s3_addr.port, "s3"))
-            self.api_urls["s3"] = f"http://{s3_addr}"
+        hosted = {i.type for i in self.instances.values()}
+        for name, ctype, module, factory in API_APPS:
+            addr = getattr(self.cfg.api, name)
+            if addr is None or ctype not in hosted:
+                continue
+            make_app = getattr(importlib.import_module(module), factory)
+            apps.append((make_app(self), addr.host, addr.port, name))
+            self.api_urls[name] = f"http://{addr}"
         for app, host, port, name in apps:
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
