@@ -266,9 +266,27 @@ def pid_alive(pid: int | None) -> bool:
 
 
 def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return _free_ports(host, 1)[0]
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct free ports on ``host``: every socket stays bound until all are
+    chosen, so the kernel cannot hand the same port out twice (two ``_free_port`` calls in a
+    row can, and a config with one address twice is refused)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((host, 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
+
+
+PORT_KINDS = ("bus", "admin", "kv", "iam", "ec2", "s3")
+
+
+def _node_ports(host: str) -> dict[str, int]:
+    return dict(zip(PORT_KINDS, _free_ports(host, len(PORT_KINDS)), strict=True))
 
 
 def _http_json(
@@ -394,17 +412,7 @@ def _create(root: Path, ha: bool) -> Layout:
     token = secrets.token_urlsafe(32)
     write_private(root / TOKEN, (token + "\n").encode())
     make_credential_key(root / CREDENTIAL_KEY)
-    ports = {
-        n: {
-            "bus": _free_port(spec["ip"]),
-            "admin": _free_port(spec["ip"]),
-            "kv": _free_port(spec["ip"]),
-            "iam": _free_port(spec["ip"]),
-            "ec2": _free_port(spec["ip"]),
-            "s3": _free_port(spec["ip"]),
-        }
-        for n, spec in nodes.items()
-    }
+    ports = {n: _node_ports(spec["ip"]) for n, spec in nodes.items()}
     tls = {
         n: {
             "ca": str(pki[n].ca.relative_to(root)),
@@ -414,7 +422,8 @@ def _create(root: Path, ha: bool) -> Layout:
         for n in nodes
     }
     served = {k for spec in nodes.values() for k, t in API_TYPES.items() if t in _types(spec)}
-    shared_api = {k: f"{SHARED_IP}:{_free_port(SHARED_IP)}" for k in sorted(served)}
+    shared_ports = _free_ports(SHARED_IP, len(served))
+    shared_api = {k: f"{SHARED_IP}:{port}" for k, port in zip(sorted(served), shared_ports, strict=True)}
     configs = node_configs(nodes, ports, tls, credential_key=CREDENTIAL_KEY, shared_api=shared_api)
     doc: dict[str, Any] = {"version": 1, "mode": "ha" if ha else "single"}
     if ha:
@@ -752,10 +761,7 @@ def add_ha_nodes(layout: Layout) -> Layout:
     a_bus = a_cfg["listen"]
     new = {n: spec for n, spec in HA_NODES.items() if n not in layout.nodes}
     voters = list(HA_NODES)
-    ports = {
-        n: {k: _free_port(spec["ip"]) for k in ("bus", "admin", "kv", "iam", "ec2", "s3")}
-        for n, spec in new.items()
-    }
+    ports = {n: _node_ports(spec["ip"]) for n, spec in new.items()}
     bus = {"node-a": a_bus} | {n: f"{spec['ip']}:{ports[n]['bus']}" for n, spec in new.items()}
     doc = dict(layout.doc)
     nodes_doc = dict(doc["nodes"])
