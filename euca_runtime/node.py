@@ -2343,6 +2343,12 @@ class Node:
         before = inst.state
         if inst.broken:
             raise RequestError("Broken", f"{name} is BROKEN: {inst.broken}")
+        if state == "DISABLED" and not inst.replicated:
+            # No lease, no standby role: DISABLED would silently stay ENABLED (EUCA-6389).
+            raise RequestError(
+                "NotSupported",
+                f"{name} has no primary/backup role, so it cannot be DISABLED; use STOPPED or ENABLED",
+            )
         if state == "STOPPED":
             if not inst.stopped:
                 await inst.stop_service("operator")
