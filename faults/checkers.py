@@ -399,3 +399,34 @@ def recovered(groups: Sequence[Mapping[str, Any]], expected: Iterable[str] = ())
     """Every group (and every `expected` group name) is present and fully redundant."""
     names = {str(g.get("group")) for g in groups}
     return bool(groups) and set(expected) <= names and not unhealthy_groups(groups)
+
+
+# --------------------------------------------------------------------------- timings
+
+
+def failover_time(
+    group_samples: Sequence[Mapping[str, Any]], group: str, start: float, epoch_before: int
+) -> float | None:
+    """Seconds from `start` (the fault) to the first describe-groups sample that shows `group`
+    with one ENABLED instance at an epoch above `epoch_before` (None: no failover was seen)."""
+    seen = [
+        float(s["t1"])
+        for s in group_samples
+        if float(s["t0"]) >= start
+        for g in s.get("groups") or []
+        if g.get("group") == group
+        and len(g.get("enabled") or []) == 1
+        and int(g.get("epoch") or 0) > epoch_before
+    ]
+    return round(min(seen) - start, 3) if seen else None
+
+
+def longest_gap(ops: Sequence[Op], prefix: str, start: float, end: float) -> float | None:
+    """The longest time in [start, end] without a successful completion of an op whose f starts
+    with `prefix` (what a client of that API saw as unavailability); None without any op."""
+    mine = [o for o in ops if o.f.startswith(prefix)]
+    done = sorted(o.complete for o in mine if o.result == OK and start <= o.complete <= end)
+    if not mine:
+        return None
+    points = [start, *done, end]
+    return round(max(b - a for a, b in itertools.pairwise(points)), 3)

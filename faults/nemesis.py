@@ -164,16 +164,19 @@ def make_fault(kind: str, rnd: random.Random, duration: float | None = None) -> 
     return Fault(kind, d, group, params)
 
 
-def random_schedule(seed: int, steps: int) -> list[list[Fault]]:
-    """`steps` steps; each one fault, or a process fault plus a network fault at once."""
+def random_schedule(seed: int, duration: float, max_steps: int = 500) -> list[list[Fault]]:
+    """Steps until their faults add up to `duration` seconds; each step is one fault, or a process
+    fault and a network fault at once (30 %)."""
     rnd = random.Random(seed)
     out: list[list[Fault]] = []
-    for _ in range(steps):
+    total = 0.0
+    while total < duration and len(out) < max_steps:
         if rnd.random() < 0.3:
             d = round(rnd.uniform(4.0, 10.0), 1)
             out.append([make_fault(rnd.choice(PROCESS), rnd, d), make_fault(rnd.choice(NETWORK), rnd, d)])
         else:
             out.append([make_fault(rnd.choice(ALL), rnd)])
+        total += max(f.duration for f in out[-1])
     return out
 
 
