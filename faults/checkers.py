@@ -199,8 +199,11 @@ def linearizable(ops: Sequence[_RegOp], final: bool, initial: bool = False) -> b
     return search(0, initial)
 
 
-def iam_checker(ops: Sequence[Op], finals: Mapping[str, Iterable[str]]) -> dict[str, Any]:
-    """`finals`: per IAM endpoint that answered, the user names ListUsers returned."""
+def iam_checker(
+    ops: Sequence[Op], finals: Mapping[str, Iterable[str]], prefix: str = "flt"
+) -> dict[str, Any]:
+    """`finals`: per IAM endpoint that answered, the user names ListUsers returned. A name with
+    `prefix` (the run's) that no operation touched is unexpected."""
     by_name = _by_key(ops, {IAM_CREATE, IAM_DELETE})
     sets = {e: set(names) for e, names in finals.items()}
     anomalies: list[dict[str, Any]] = []
@@ -231,13 +234,13 @@ def iam_checker(ops: Sequence[Op], finals: Mapping[str, Iterable[str]]) -> dict[
                     }
                 )
     for endpoint, present in sets.items():
-        extra = sorted(n for n in present if n not in by_name and n.startswith("flt"))
+        extra = sorted(n for n in present if n not in by_name and n.startswith(prefix))
         if extra:
             anomalies.append({"unexpected": extra, "endpoint": endpoint})
     return {
         "valid": not anomalies and not divergent,
         "names": len(by_name),
-        "race_names": sum(1 for n in by_name if n.startswith("fltrace")),
+        "race_names": sum(1 for n in by_name if "race" in n),
         "endpoints": sorted(sets),
         "not_linearizable": anomalies,
         "divergent_final": divergent,
@@ -248,8 +251,11 @@ def iam_checker(ops: Sequence[Op], finals: Mapping[str, Iterable[str]]) -> dict[
 # --------------------------------------------------------------------------- EC2
 
 
-def ec2_checker(ops: Sequence[Op], final: Mapping[str, str]) -> dict[str, Any]:
-    """`final`: {instance id: state} from DescribeInstances after the heal."""
+def ec2_checker(ops: Sequence[Op], final: Mapping[str, str], before: Iterable[str] = ()) -> dict[str, Any]:
+    """`final`: {instance id: state} from DescribeInstances after the heal; `before`: the ids
+    that existed before the run (not this run's)."""
+    old = set(before)
+    final = {i: s for i, s in final.items() if i not in old}
     runs = [o for o in ops if o.f == EC2_RUN]
     terms = _by_key(ops, {EC2_TERMINATE})
     acked = {o.value for o in runs if o.result == OK and o.value}

@@ -19,7 +19,7 @@ from invoke.exceptions import CommandTimedOut
 
 from faults.checkers import unhealthy_groups
 from faults.history import History
-from faults.workloads import BUCKET, USER_PREFIX, Endpoints, sha
+from faults.workloads import Endpoints, sha
 from testbed.model import STATE_ROOT
 
 log = logging.getLogger("faults.observe")
@@ -202,31 +202,31 @@ def _retry(fn: Callable[[], Any], timeout: float, what: str) -> Any:
             time.sleep(1)
 
 
-def final_s3(endpoints: Endpoints, timeout: float = 120) -> dict[str, dict[str, str]]:
-    """{S3 URL: {key: sha256}}: every object of the workload's bucket, read through every URL."""
+def final_s3(endpoints: Endpoints, bucket: str, timeout: float = 120) -> dict[str, dict[str, str]]:
+    """{S3 URL: {key: sha256}}: every object of `bucket`, read through every S3 URL."""
     out: dict[str, dict[str, str]] = {}
     for url in endpoints.s3:
         s3 = endpoints.client("s3", url, read_timeout=30)
 
         def listing(s3: Any = s3) -> list[str]:
             keys: list[str] = []
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
                 keys += [o["Key"] for o in page.get("Contents", [])]
             return keys
 
         objects: dict[str, str] = {}
-        for key in _retry(listing, timeout, f"list s3://{BUCKET} through {url}"):
+        for key in _retry(listing, timeout, f"list s3://{bucket} through {url}"):
 
             def get(s3: Any = s3, key: str = key) -> bytes:
-                return bytes(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+                return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
 
             objects[key] = sha(_retry(get, timeout, f"get {key} through {url}"))
         out[url] = objects
     return out
 
 
-def final_iam(endpoints: Endpoints, timeout: float = 120) -> dict[str, list[str]]:
-    """{IAM URL: user names} (the suite's users only) through every IAM URL."""
+def final_iam(endpoints: Endpoints, prefix: str, timeout: float = 120) -> dict[str, list[str]]:
+    """{IAM URL: the user names that start with `prefix`} through every IAM URL."""
     out: dict[str, list[str]] = {}
     for url in endpoints.iam:
         iam = endpoints.client("iam", url, read_timeout=30)
@@ -238,7 +238,7 @@ def final_iam(endpoints: Endpoints, timeout: float = 120) -> dict[str, list[str]
             return names
 
         out[url] = sorted(
-            n for n in _retry(users, timeout, f"list users through {url}") if n.startswith(USER_PREFIX)
+            n for n in _retry(users, timeout, f"list users through {url}") if n.startswith(prefix)
         )
     return out
 

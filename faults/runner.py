@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import secrets
 import shutil
 import tempfile
 import threading
@@ -35,7 +36,7 @@ from faults.observe import (
     save_json,
     wait_recovered,
 )
-from faults.workloads import Mix, prepare
+from faults.workloads import Mix, bucket_name, prepare, user_prefix
 
 log = logging.getLogger("faults.runner")
 
@@ -59,11 +60,13 @@ def run_schedule(cloud: Cloud, plan: Plan, out: Path, label: str) -> dict[str, A
     """Run `plan` against `cloud`; write `<out>/<label>.json` and `<label>.history.jsonl`."""
     history = History(out / f"{label}.history.jsonl")
     ctx = Ctx(cloud.bed, cloud.hosts, cloud.names, history, random.Random(plan.seed))
-    prepare(cloud.endpoints)
+    tag = secrets.token_hex(3)  # this run's bucket and user names
+    prepare(cloud.endpoints, tag)
+    ec2_before = set(final_ec2(cloud.endpoints))
     budget = sum(max(f.duration for f in s) for s in plan.steps) + plan.recovery_timeout * (
         len(plan.steps) + 1
     )
-    clients = plan.mix.clients(history, cloud.endpoints, plan.seed, history.now() + budget + 60)
+    clients = plan.mix.clients(history, cloud.endpoints, plan.seed, history.now() + budget + 60, tag)
     samplers = [Sampler(Hosts(cloud.bed), h, history) for h in cloud.names]
     steps: list[dict[str, Any]] = []
     pause = threading.Event()
@@ -93,11 +96,12 @@ def run_schedule(cloud: Cloud, plan: Plan, out: Path, label: str) -> dict[str, A
         for s in samplers:
             s.join(timeout=60)
     ops = history.snapshot()
-    result = _check(cloud, ops, samplers, steps)
+    result = _check(cloud, ops, samplers, steps, tag, ec2_before)
     result.update(
         {
             "seed": plan.seed,
             "label": label,
+            "tag": tag,
             "bed": cloud.bed,
             "started": dt.datetime.fromtimestamp(history.wall0, dt.UTC).isoformat(timespec="seconds"),
             "duration_s": round(history.now(), 1),
@@ -120,25 +124,34 @@ def run_schedule(cloud: Cloud, plan: Plan, out: Path, label: str) -> dict[str, A
 
 
 def _check(
-    cloud: Cloud, ops: list[Any], samplers: list[Sampler], steps: list[dict[str, Any]]
+    cloud: Cloud,
+    ops: list[Any],
+    samplers: list[Sampler],
+    steps: list[dict[str, Any]],
+    tag: str,
+    ec2_before: set[str],
 ) -> dict[str, Any]:
     services = [x for s in samplers for x in s.services]
     groups = [x for s in samplers for x in s.groups]
     checks: dict[str, Any] = {}
     errors: dict[str, str] = {}
-    reads = {"s3": final_s3, "iam": final_iam, "ec2": final_ec2}
+    reads = {
+        "s3": lambda: final_s3(cloud.endpoints, bucket_name(tag)),
+        "iam": lambda: final_iam(cloud.endpoints, user_prefix(tag)),
+        "ec2": lambda: final_ec2(cloud.endpoints),
+    }
     finals: dict[str, Any] = {}
     for name, fn in reads.items():
         try:
-            finals[name] = fn(cloud.endpoints)
+            finals[name] = fn()
         except (TimeoutError, ClientError, BotoCoreError, OSError) as exc:
             errors[name] = f"final read failed: {exc}"
     if "s3" in finals:
         checks["s3"] = chk.s3_checker(ops, finals["s3"])
     if "iam" in finals:
-        checks["iam"] = chk.iam_checker(ops, finals["iam"])
+        checks["iam"] = chk.iam_checker(ops, finals["iam"], user_prefix(tag))
     if "ec2" in finals:
-        checks["ec2"] = chk.ec2_checker(ops, finals["ec2"])
+        checks["ec2"] = chk.ec2_checker(ops, finals["ec2"], ec2_before)
     checks["dual_writer"] = chk.dual_writer_checker(services, groups)
     checks["fence"] = chk.fence_checker(final_fences(cloud.hosts, cloud.names))
     for info in steps:

@@ -32,8 +32,17 @@ from faults.history import FAILED, OK, UNKNOWN, History, Result
 log = logging.getLogger("faults.workloads")
 
 IMAGE_ID = "emi-00000001"  # the image every cloud registers at first boot (services/ec2.py)
-BUCKET = "faults"
-USER_PREFIX = "flt"  # every IAM user the suite makes starts with this
+USER_PREFIX = "flt"  # every IAM user the suite makes starts with this (then the run's tag)
+
+
+def bucket_name(tag: str) -> str:
+    """The S3 bucket of the run tagged `tag` (each run has its own bucket and user names, so runs
+    that share one cloud do not see each other's data)."""
+    return f"faults-{tag}"
+
+
+def user_prefix(tag: str) -> str:
+    return f"{USER_PREFIX}{tag}"
 
 
 @dataclass(frozen=True)
@@ -110,9 +119,17 @@ class Client(threading.Thread):
     kind = "client"
 
     def __init__(
-        self, idx: int, history: History, endpoints: Endpoints, seed: int, deadline: float, limit: int
-    ):
+        self,
+        idx: int,
+        history: History,
+        endpoints: Endpoints,
+        seed: int,
+        deadline: float,
+        limit: int,
+        tag: str,
+    ) -> None:
         super().__init__(daemon=True, name=f"{self.kind}-{idx}")
+        self.tag, self.bucket, self.prefix = tag, bucket_name(tag), user_prefix(tag)
         self.process = f"{self.kind}-{idx}"
         self.history, self.endpoints = history, endpoints
         self.rnd = random.Random(f"{seed}/{self.process}")
@@ -121,9 +138,6 @@ class Client(threading.Thread):
         self.stop_event = threading.Event()
         self.n = 0
         self.crashed: str | None = None
-
-    def urls(self) -> list[str]:
-        raise NotImplementedError
 
     def step(self) -> None:
         raise NotImplementedError
@@ -175,17 +189,19 @@ class S3Client(Client):
             self.read(s3, key)
         elif roll < 0.35 and self.mine:
             key = self.mine.pop(self.rnd.randrange(len(self.mine)))
-            self.call(S3_DELETE, key, None, lambda: s3.delete_object(Bucket=BUCKET, Key=key))
+            self.call(S3_DELETE, key, None, lambda: s3.delete_object(Bucket=self.bucket, Key=key))
         else:
             key = f"{self.process}-{self.n:05d}"
             data = known_bytes(key, self.seed)
-            if self.call(S3_PUT, key, sha(data), lambda: s3.put_object(Bucket=BUCKET, Key=key, Body=data)):
+            if self.call(
+                S3_PUT, key, sha(data), lambda: s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+            ):
                 self.mine.append(key)
 
     def read(self, s3: Any, key: str) -> None:
         t0 = self.history.now()
         try:
-            body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+            body = s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except ClientError as exc:
             result, code, msg = classify(exc)
             if code == "NoSuchKey":  # a definite answer: the key is not there
@@ -219,7 +235,7 @@ class IAMClient(Client):
             name = self.mine.pop(self.rnd.randrange(len(self.mine)))
             self.call(IAM_DELETE, name, None, lambda: iam.delete_user(UserName=name))
             return
-        name = f"{USER_PREFIX}{self.process.replace('-', '')}x{self.n:05d}"
+        name = f"{self.prefix}{self.process.replace('-', '')}x{self.n:05d}"
         if self.call(IAM_CREATE, name, None, lambda: iam.create_user(UserName=name)):
             self.mine.append(name)
 
@@ -227,7 +243,7 @@ class IAMClient(Client):
 class IAMRaceClient(Client):
     """The seed's split-brain example: several of these create and delete the same names.
 
-    Client i alternates create and delete of ``fltrace<r>`` and moves to the next name every
+    Client i alternates create and delete of ``flt<tag>race<r>`` and moves to the next name every
     `per_name` operations, so each name sees a few concurrent creates and deletes from every
     race client (the checker searches their linearizations: keep it small)."""
 
@@ -240,7 +256,7 @@ class IAMRaceClient(Client):
 
     def step(self) -> None:
         iam = self.clients[self.rnd.choice(sorted(self.clients))]
-        name = f"{USER_PREFIX}race{self.n // self.per_name:04d}"
+        name = f"{self.prefix}race{self.n // self.per_name:04d}"
         if self.rnd.random() < 0.5:
             self.call(IAM_CREATE, name, None, lambda: iam.create_user(UserName=name))
         else:
@@ -287,7 +303,9 @@ class Mix:
     ec2: int = 1
     limit: int = 400
 
-    def clients(self, history: History, endpoints: Endpoints, seed: int, deadline: float) -> list[Client]:
+    def clients(
+        self, history: History, endpoints: Endpoints, seed: int, deadline: float, tag: str
+    ) -> list[Client]:
         out: list[Client] = []
         kinds: Iterable[tuple[type[Client], int]] = (
             (S3Client, self.s3),
@@ -296,17 +314,17 @@ class Mix:
             (EC2Client, self.ec2),
         )
         for cls, count in kinds:
-            out += [cls(i, history, endpoints, seed, deadline, self.limit) for i in range(count)]
+            out += [cls(i, history, endpoints, seed, deadline, self.limit, tag) for i in range(count)]
         return out
 
 
-def prepare(endpoints: Endpoints, deadline_s: float = 120.0) -> None:
-    """Create the workload's bucket (retrying until the cloud answers, before any fault)."""
+def prepare(endpoints: Endpoints, tag: str, deadline_s: float = 120.0) -> None:
+    """Create the run's bucket (retrying until the cloud answers, before any fault)."""
     s3 = endpoints.client("s3", endpoints.s3[0])
     end = time.monotonic() + deadline_s
     while True:
         try:
-            s3.create_bucket(Bucket=BUCKET)
+            s3.create_bucket(Bucket=bucket_name(tag))
             return
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in (
