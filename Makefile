@@ -13,6 +13,7 @@ help:
 	@echo "make test   - the whole suite: lint, unit, integration, molecule"
 	@echo "make venv   - build .venv (no-op when current)"
 	@echo "make down   - remove the demo testbed"
+	@echo "make faults [SEED=n] [DURATION=s] - the randomized fault suite on a fresh testbed cloud"
 	@echo "make bench [BENCH=name] - run the benchmarks (all, or one), regenerate docs/performance.md"
 
 deps:
@@ -61,8 +62,13 @@ bench: deps venv
 	$(BIN)/python -m benchmarks $(BENCH)
 	$(BIN)/python -m benchmarks.report
 
+# The long randomized fault set, on demand (root): a fresh testbed cloud, seeded faults for
+# DURATION seconds, a result file under faults/results/. The quick set is tests/faults (make test).
+SEED ?=
+DURATION ?= 600
+FAULTS_BED ?= flt
 faults: deps venv
-	$(BIN)/pytest -q tests/faults
+	$(BIN)/python -m faults $(if $(SEED),--seed $(SEED)) --duration $(DURATION) --bed $(FAULTS_BED)
 
 clean: down
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

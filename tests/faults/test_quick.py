@@ -1,0 +1,62 @@
+"""The quick fault set (part of `make test`): one HA cloud deployed by site.yml on a fresh
+testbed bed, shared by a few short schedules. Each schedule runs the S3, IAM (with the
+create/delete race) and EC2 workloads under real faults, heals, and must show no anomaly in any
+checker, a failover where the fault takes the primary away, and every group back to ENABLED +
+in-sync DISABLED. The bed is always removed (module fixture), also when a check fails.
+
+The long randomized set is `make faults` (`python -m faults`), see docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from faults import cloud as cloud_mod
+from faults.cloud import Cloud
+from faults.nemesis import named_schedule
+from faults.runner import Plan, run_schedule
+from faults.workloads import Mix
+
+pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+BED = os.environ.get("FAULTS_BED", "flt")
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    workdir = tmp_path_factory.mktemp("faults-cloud")
+    try:
+        c = cloud_mod.deploy(BED, workdir)
+        yield c
+        c.hosts.close()
+    finally:
+        cloud_mod.remove(BED, workdir)
+
+
+def summary(result: dict) -> str:
+    keys = ("anomalies", "read_errors", "steps", "final_unhealthy", "client_crashes", "op_counts")
+    bad = {k: v for k, v in result["checks"].items() if not v["valid"]}
+    return json.dumps({**{k: result[k] for k in keys}, "failed_checks": bad}, indent=1, default=str)[:8000]
+
+
+@pytest.mark.parametrize(
+    ("kinds", "fails_over"),
+    [(["kill9"], True), (["sigstop"], True), (["partition-backup"], False)],
+    ids=["kill9", "sigstop-past-lease", "partition-primary-backup"],
+)
+def test_quick_schedule(cloud: Cloud, tmp_path: Path, kinds: list[str], fails_over: bool) -> None:
+    plan = Plan(seed=7, steps=named_schedule(kinds, 7, duration=5.0), mix=Mix(limit=150), settle=2.0)
+    result = run_schedule(cloud, plan, tmp_path, "-".join(kinds))
+    assert result["valid"], summary(result)
+    counts = result["op_counts"]
+    for f in ("s3.put", "iam.create_user", "ec2.run"):
+        assert counts.get(f, {}).get("ok", 0) > 0, f"no acknowledged {f}: {counts}"
+    step = result["steps"][0]
+    assert step["started"] == kinds, step
+    if fails_over:
+        assert any(v is not None for v in step["failover_s"].values()), step
