@@ -31,6 +31,7 @@ venv: $(VENV)/.stamp
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy euca_runtime testbed
 	$(BIN)/ansible-lint --profile production --offline
 	@for p in playbooks/*.yml playbooks/runbooks/*.yml; do \
 	  [ -e "$$p" ] || continue; \
