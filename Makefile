@@ -48,7 +48,7 @@ molecule: deps venv
 	cd $(CURDIR) && $(BIN)/molecule test --all
 
 test: deps venv lint
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=25 tests
 	$(MAKE) --no-print-directory molecule
 
 demo: deps venv
