@@ -263,13 +263,15 @@ def test_euca_6389_modify_service_takes_effect_or_fails_with_a_reason(ha_cloud: 
     takes_effect("node-b.walrus", "DISABLED")
     rh.wait_until(lambda: cloud.service("node-b.walrus")["in_sync"], timeout=60, what="node-b.walrus in sync")
     takes_effect("node-b.walrus", "ENABLED")
-    assert cloud.enabled("walrus", via="node-a") == "node-b.walrus"
+    rh.wait_until(  # another process's view follows by gossip
+        lambda: cloud.enabled("walrus", via="node-a") == "node-b.walrus", timeout=30, what="seen at node-a"
+    )
     epoch = cloud.service("node-b.walrus", via="node-b")["epoch"]
     takes_effect("node-b.walrus", "ENABLED")  # already ENABLED: a no-op, not a new election
     assert cloud.service("node-b.walrus", via="node-b")["epoch"] == epoch
     # The primary DISABLED: the backup takes over before the command returns.
     takes_effect("node-b.walrus", "DISABLED")
-    assert cloud.enabled("walrus", via="node-b") == "node-a.walrus"
+    assert _own_state(cloud, "node-a.walrus") == "ENABLED"
     # Unleased components (no standby): STOPPED and ENABLED work; DISABLED cannot, and says so.
     for name in ("node-c.arbitrator", "node-c.nc.cluster01"):
         takes_effect(name, "STOPPED")
