@@ -116,8 +116,9 @@ class Host:
 class NodeTiming:
     tick: float = 0.1
     suspect_after: float = 0.35
-    backoff_min: float = 0.05
-    backoff_max: float = 0.5
+    backoff_min: float = 0.02
+    backoff_max: float = 0.1
+    """Extra wait after a campaign's deadline before the next one (as the real node)."""
 
 
 class SimNode:
@@ -173,6 +174,7 @@ class SimNode:
         self.backup: ReplicationBackup | None = None
         self.pending: dict[int, ClientWrite] = {}
         self.next_campaign_at = 0.0
+        self.campaign_refused: set[str] = set()
         self.announced_ready = False
         self.handing_over: tuple[str, float] | None = None
         """(target, deadline) of a planned switchover in progress: no new writes meanwhile."""
@@ -332,7 +334,7 @@ class SimNode:
         self.pending = {}
         if self.backup is None:
             self.backup = self.factories.backup(self.name, self.group, self.store, self.repl_config)
-        self.next_campaign_at = now + self.rng.uniform(self.timing.backoff_min, self.timing.backoff_max)
+        self.next_campaign_at = max(self.next_campaign_at, now + self.rng.uniform(0.1, 0.3))
 
     def _relay(self, now: float) -> None:
         """Send the primary's in-sync proposal to the voters and report commits."""
@@ -367,6 +369,7 @@ class SimNode:
             b = self.backup
             quiet = b is None or now - b.last_heard > self.timing.suspect_after
             if quiet and now >= self.next_campaign_at:
+                self.campaign_refused = set()
                 self._emit(cand.campaign(now, floor=self.store.fence_epoch))
                 if cand.voter_config is None:
                     self.host.note(self, "probes the voters for the group's configuration")
@@ -389,7 +392,15 @@ class SimNode:
         cand = self.candidate
         if cand is None:
             return
-        if isinstance(msg, LeaseReply | InSyncReply | ConfigReply):
+        if isinstance(msg, LeaseReply):
+            self._emit(cand.handle(msg, now))
+            refused = not msg.granted and msg.reason != "config"
+            if cand.role is Role.CANDIDATE and msg.epoch == cand.epoch and refused:
+                self.campaign_refused.add(msg.voter)
+                if cand.cannot_win(self.campaign_refused):
+                    self._emit(cand.release(now))
+                    self.next_campaign_at = now + self.rng.uniform(0.1, 0.2)
+        elif isinstance(msg, InSyncReply | ConfigReply):
             self._emit(cand.handle(msg, now))
         elif isinstance(msg, Replicate | SnapshotChunk):
             self._on_replication(src, msg, now)
