@@ -116,9 +116,6 @@ class Host:
 class NodeTiming:
     tick: float = 0.1
     suspect_after: float = 0.35
-    backoff_min: float = 0.02
-    backoff_max: float = 0.1
-    """Extra wait after a campaign's deadline before the next one (as the real node)."""
 
 
 class SimNode:
@@ -174,7 +171,7 @@ class SimNode:
         self.backup: ReplicationBackup | None = None
         self.pending: dict[int, ClientWrite] = {}
         self.next_campaign_at = 0.0
-        self.campaign_refused: set[str] = set()
+        self._noted_retry = 0.0
         self.announced_ready = False
         self.handing_over: tuple[str, float] | None = None
         """(target, deadline) of a planned switchover in progress: no new writes meanwhile."""
@@ -203,6 +200,7 @@ class SimNode:
                 self.lease_config,
                 min_epoch=self.store.fence_epoch,
                 probe_voters=self.all_voters,
+                rng=self.rng,
             )
             if self.target is not None:
                 self.candidate.set_target(self.target)
@@ -280,7 +278,6 @@ class SimNode:
             self._emit(cand._hear_config(msg.config_version, msg.config_sets, now))
         self.host.note(self, "takes over (planned switchover)")
         self._emit(cand.campaign(now, floor=self.store.fence_epoch))
-        self.next_campaign_at = now + self.lease_config.campaign_deadline + self.timing.backoff_min
 
     # -- plumbing
 
@@ -293,6 +290,15 @@ class SimNode:
         cand = self.candidate
         if cand is None:
             return
+        lost = cand.role is Role.FOLLOWER and cand.failures and cand.retry_at > now
+        if lost and cand.retry_at != self._noted_retry:
+            self._noted_retry = cand.retry_at
+            refusals = ", ".join(f"{r.voter}: {r.reason} {r.holder or ''}".strip() for r in cand.refusals())
+            self.host.note(
+                self,
+                f"lost epoch {cand.epoch} ({cand.last_step_down}; {refusals or 'no refusal'}), "
+                f"retry in {cand.retry_at - now:.3f}s",
+            )
         for _ in range(4):
             events = cand.drain_events()
             if not events:
@@ -368,18 +374,16 @@ class SimNode:
         elif cand.role is Role.FOLLOWER:
             b = self.backup
             quiet = b is None or now - b.last_heard > self.timing.suspect_after
-            if quiet and now >= self.next_campaign_at:
-                self.campaign_refused = set()
+            if not quiet and b is not None:
+                cand.holder_seen(b.primary)
+            if quiet and now >= self.next_campaign_at and cand.may_campaign(now):
                 self._emit(cand.campaign(now, floor=self.store.fence_epoch))
                 if cand.voter_config is None:
                     self.host.note(self, "probes the voters for the group's configuration")
+                    wait = self.lease_config.campaign_deadline + self.rng.uniform(0.02, 0.1)
+                    self.next_campaign_at = now + wait
                 else:
                     self.host.note(self, f"campaigns for epoch {cand.epoch}")
-                self.next_campaign_at = (
-                    now
-                    + self.lease_config.campaign_deadline
-                    + self.rng.uniform(self.timing.backoff_min, self.timing.backoff_max)
-                )
 
     def deliver(self, src: str, msg: Any) -> None:
         now = self.now()
@@ -392,15 +396,7 @@ class SimNode:
         cand = self.candidate
         if cand is None:
             return
-        if isinstance(msg, LeaseReply):
-            self._emit(cand.handle(msg, now))
-            refused = not msg.granted and msg.reason != "config"
-            if cand.role is Role.CANDIDATE and msg.epoch == cand.epoch and refused:
-                self.campaign_refused.add(msg.voter)
-                if cand.cannot_win(self.campaign_refused):
-                    self._emit(cand.release(now))
-                    self.next_campaign_at = now + self.rng.uniform(0.1, 0.2)
-        elif isinstance(msg, InSyncReply | ConfigReply):
+        if isinstance(msg, LeaseReply | InSyncReply | ConfigReply):
             self._emit(cand.handle(msg, now))
         elif isinstance(msg, Replicate | SnapshotChunk):
             self._on_replication(src, msg, now)
