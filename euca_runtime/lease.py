@@ -156,7 +156,7 @@ class LeaseConfig:
     two candidates that keep defeating each other soon stop colliding). Defaults to
     ``duration / 32``."""
     retry_max: float | None = None
-    """Cap of the retry wait; defaults to twice the duration."""
+    """Cap of the retry wait; defaults to the duration."""
 
     def __post_init__(self) -> None:
         if self.duration <= 0:
@@ -199,7 +199,7 @@ class LeaseConfig:
 
     @property
     def retry_cap(self) -> float:
-        return self.retry_max if self.retry_max is not None else 2.0 * self.duration
+        return self.retry_max if self.retry_max is not None else self.duration
 
     @property
     def in_sync_resend(self) -> float:
