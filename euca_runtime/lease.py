@@ -27,6 +27,12 @@ The protocol, per service group (a string key such as ``"clc"`` or ``"sc/cluster
   runs out (e.g. after a pause), when a reply or a fencing reject shows a higher epoch, or
   voluntarily (`release`).
 
+* **Lost campaigns** (`Candidate.campaign_lost`): a campaign ends when a majority refused, when
+  a rival that sorts first by name is seen, or at its deadline (which doubles after each
+  timeout, up to what a grant can be worth). The next one waits a random, doubling time (reset
+  by an election or by following a holder), and waits out a previous holder's lease that the
+  voters reported still running. This only decides when to ask; safety never depends on it.
+
 * **In-sync set (I2).** A primary records changes to its group's in-sync set with the voters
   (`propose_in_sync`): it drops a lagging backup only after a majority recorded the smaller
   set, and it adds a caught-up backup only after that backup already acknowledges every write.
