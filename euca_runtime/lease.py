@@ -864,6 +864,8 @@ class Candidate:
         self.last_holder: str | None = None
         """The holder we last followed (`holder_seen`): its lease in a refusal is no rival's."""
         self._refused: dict[str, LeaseReply] = {}
+        self._base = 0
+        """The highest epoch we knew of when the running campaign started."""
 
     # -- queries
 
@@ -960,9 +962,14 @@ class Candidate:
         if holder is not None and holder != self.name:
             self.last_holder = holder
 
-    def _rival(self, holder: str | None) -> bool:
-        """`holder`, named by a refusal, is another candidate (not us, not the holder we followed)."""
-        return holder is not None and holder != self.name and holder != self.last_holder
+    def _rival(self, reply: LeaseReply) -> bool:
+        """The holder a refusal names is another candidate: not us, not the holder we followed.
+        Before we followed anyone (just started), also only one holding an epoch above any we
+        knew of when our campaign started (a dead holder's lease is older)."""
+        h = reply.holder
+        if h is None or h in (self.name, self.last_holder):
+            return False
+        return self.last_holder is not None or reply.promised_epoch > self._base
 
     def drain_events(self) -> list[LeaseEvent]:
         events, self._events = self._events, []
@@ -994,7 +1001,8 @@ class Candidate:
         out: list[Send] = []
         if self.role is Role.CANDIDATE:
             out += self._step_down(now, "campaign_failed")
-        self.epoch = max(self.max_seen, self.epoch, floor) + 1
+        self._base = max(self.max_seen, self.epoch, floor)
+        self.epoch = self._base + 1
         self.max_seen = self.epoch
         self.role = Role.CANDIDATE
         self.force = force
@@ -1088,7 +1096,7 @@ class Candidate:
                 self._refused[reply.voter] = reply
                 if self.cannot_win(self._refused):
                     return out + self.campaign_lost(now, "refused")
-                if self._rival(reply.holder) and str(reply.holder) < self.name:
+                if self._rival(reply) and str(reply.holder) < self.name:
                     # Two campaigns at once: the one whose name sorts first goes on, we give way
                     # now (releasing our grants at once rather than holding them until timeout).
                     return out + self.campaign_lost(now, "yield")
@@ -1159,10 +1167,10 @@ class Candidate:
         span = min(cfg.retry_cap / 2.0, cfg.retry_base * 2.0 ** min(self.failures - 1, 30))
         wait = span * (1.0 + self._rng.random())
         refused = self._refused.values()
-        held = [r.lease_remaining for r in refused if r.reason == "held" and not self._rival(r.holder)]
+        held = [r.lease_remaining for r in refused if r.reason == "held" and not self._rival(r)]
         if why == "refused" and held and self.failures >= 2:
             wait = max(wait, min(max(held), cfg.duration) + cfg.retry_base * self._rng.random())
-        rivals = sorted(str(r.holder) for r in self._refused.values() if self._rival(r.holder))
+        rivals = sorted(str(r.holder) for r in refused if self._rival(r))
         if rivals and rivals[0] < self.name:
             wait += cfg.campaign_deadline_max
         self.retry_at = now + wait

@@ -532,11 +532,17 @@ def test_a_rival_that_sorts_first_makes_us_give_way_at_once() -> None:
     a.on_lease_reply(held(r, "v2", "b", 0.9, promised=1), 10.1)
     assert a.role is Role.CANDIDATE
     # The holder we followed is no rival: refused for its lease, we do not give way.
-    c = Candidate("c", G, VOTERS, CFG, rng=random.Random(7))
+    c = Candidate("c", G, VOTERS, CFG, rng=random.Random(7), min_epoch=3)
     c.holder_seen("a")
     r = c.campaign(10.0)[0].msg
-    c.on_lease_reply(held(r, "v1", "a", 0.9), 10.1)
+    c.on_lease_reply(held(r, "v1", "a", 0.9, promised=4), 10.1)
     assert c.role is Role.CANDIDATE
+    # Before we followed anyone, nor is a holder whose epoch is older than our campaign (a dead
+    # primary we never followed).
+    d = Candidate("d", G, VOTERS, CFG, rng=random.Random(8), min_epoch=3)
+    r = d.campaign(10.0)[0].msg
+    d.on_lease_reply(held(r, "v1", "a", 0.9, promised=3), 10.1)
+    assert d.role is Role.CANDIDATE
 
 
 # --------------------------------------------------------------------------- codec
