@@ -351,7 +351,7 @@ LEASE_MESSAGES: tuple[type, ...] = (
     ConfigUpdate,
     ConfigReply,
 )
-_CODEC = Codec("lease", LEASE_MESSAGES)
+_CODEC = Codec("lease", LEASE_MESSAGES, omit_default=("lease_remaining",))
 
 
 def encode(msg: Any) -> dict[str, Any]:

@@ -551,6 +551,7 @@ def test_a_rival_that_sorts_first_makes_us_give_way_at_once() -> None:
 MESSAGES = [
     LeaseRequest(G, "a", 3, 9, True),
     LeaseReply(G, "v1", "a", 3, 9, False, 0.0, 4, "held", "b"),
+    LeaseReply(G, "v1", "a", 3, 9, False, 0.0, 4, "held", "b", lease_remaining=0.75),
     LeaseRelease(G, "a", 3),
     DeathCertificate(G, "a", 3, "supervisor@host"),
     InSyncUpdate(G, "a", 3, 2, ("a", "b")),
@@ -563,6 +564,15 @@ def test_codec_roundtrip(msg: Any) -> None:
     doc = lease.encode(msg)
     assert doc["type"] == type(msg).__name__
     assert lease.decode(doc) == msg
+
+
+def test_lease_remaining_travels_only_when_set() -> None:
+    """A field added later is left out at its default: the previous version decodes the rest."""
+    plain = LeaseReply(G, "v1", "a", 3, 9, True, 1.0, 3)
+    assert "lease_remaining" not in lease.encode(plain)
+    assert lease.encode(LeaseReply(G, "v1", "a", 3, 9, False, 0.0, 4, "held", "b", lease_remaining=0.5))[
+        "lease_remaining"
+    ] == pytest.approx(0.5)
 
 
 def test_codec_rejects_garbage() -> None:
