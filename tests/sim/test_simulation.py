@@ -134,16 +134,23 @@ def _slow_results(**kwargs: object) -> list[ScheduleResult]:
     return results
 
 
-def _check_slow(results: list[ScheduleResult], *, median: float, worst: float, epochs: int) -> None:
+def _check_slow(
+    results: list[ScheduleResult], *, median: float, p90: float, worst: float, epochs_median: int, epochs: int
+) -> None:
     failed = [r for r in results if not r.ok or not r.converged]
     assert not failed, failed[0].describe()
     recovery = sorted(r.recovery if r.recovery is not None else float("inf") for r in results)
     used = sorted(r.slow_epochs for r in results)
-    p50 = recovery[len(recovery) // 2]
-    summary = f"recovery p50 {p50:.2f}s max {recovery[-1]:.2f}s, epochs max {used[-1]}"
+    n = len(results)
+    summary = (
+        f"recovery p50 {recovery[n // 2]:.2f}s p90 {recovery[n * 9 // 10]:.2f}s max {recovery[-1]:.2f}s, "
+        f"epochs p50 {used[n // 2]} max {used[-1]}"
+    )
     print(summary)
-    assert p50 <= median, summary
+    assert recovery[n // 2] <= median, summary
+    assert recovery[n * 9 // 10] <= p90, summary
     assert recovery[-1] <= worst, summary
+    assert used[n // 2] <= epochs_median, summary
     assert used[-1] <= epochs, summary
 
 
@@ -151,7 +158,7 @@ def test_slow_machine_elects_soon_after_it_ends_without_burning_epochs() -> None
     """Every process handles messages 0.5-5 s late and its timers fire up to 1 s late for 8 s
     (a host at load 30-40): no lease can be held meanwhile (1 s leases), but campaigns back off
     instead of burning an epoch every few hundred ms, and a writer is elected soon after."""
-    _check_slow(_slow_results(), median=1.5, worst=3.0, epochs=9)
+    _check_slow(_slow_results(), median=1.5, p90=3.0, worst=5.0, epochs_median=7, epochs=10)
 
 
 def test_power_off_failover_completes_while_every_process_is_slow() -> None:
@@ -162,8 +169,10 @@ def test_power_off_failover_completes_while_every_process_is_slow() -> None:
     _check_slow(
         _slow_results(slow_delay=(0.1, 0.45), slow_timer_delay=(0.0, 0.3), slow_kill_holder=True),
         median=3.0,
-        worst=6.0,
-        epochs=6,
+        p90=5.0,
+        worst=8.0,  # elected before the slow phase ends, in every schedule
+        epochs_median=4,
+        epochs=8,
     )
 
 
