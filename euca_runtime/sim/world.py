@@ -6,7 +6,8 @@ drift bound, and nothing iterates over an unordered set, so a seed replays exact
 Python process (`PYTHONHASHSEED` does not matter).
 
 A schedule runs a fault phase (partitions full and partial, one-way link cuts, loss bursts,
-process pauses, crashes with or without a supervisor's death certificate, restarts) with
+process pauses, crashes with or without a supervisor's death certificate, restarts, a slow
+machine that handles every message and timer late) with
 clients writing throughout, then heals everything and lets the group settle. The checkers
 run after every step; see `euca_runtime.sim.checkers`.
 """
