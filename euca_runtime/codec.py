@@ -4,7 +4,9 @@ A message is a frozen dataclass; on the wire it is a plain dict tagged with its 
 (``{"type": "LeaseRequest", ...}``), msgpack- and JSON-able. Tuples travel as lists and are
 turned back into tuples (nested ones too) on decode, so a decoded message compares equal to
 the one that was encoded. Fields that need more than that (change records, snapshots) are
-given `encoders` / `decoders` by the module that owns them.
+given `encoders` / `decoders` by the module that owns them. Fields named in `omit_default`
+(ones added after a release) are left out while they hold their default, so a process of the
+previous version, whose decoder does not know them, still reads the message.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ class Codec:
         *,
         encoders: Mapping[str, Callable[[Any], Any]] | None = None,
         decoders: Mapping[str, Callable[[Any], Any]] | None = None,
+        omit_default: Iterable[str] = (),
     ) -> None:
         self.family = family
         self.classes: tuple[type, ...] = tuple(classes)
         self._by_name = {cls.__name__: cls for cls in self.classes}
         self._encoders = dict(encoders or {})
         self._decoders = dict(decoders or {})
+        self._omit_default = frozenset(omit_default)
 
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
@@ -51,8 +55,10 @@ class Codec:
         if type(msg) not in self.classes:
             raise TypeError(f"not a {self.family} message: {type(msg).__name__}")
         doc: dict[str, Any] = {"type": type(msg).__name__}
-        for name in msg.__dataclass_fields__:
+        for name, f in msg.__dataclass_fields__.items():
             value = getattr(msg, name)
+            if name in self._omit_default and value == f.default:
+                continue
             enc = self._encoders.get(name)
             doc[name] = enc(value) if enc is not None else _plain(value)
         return doc

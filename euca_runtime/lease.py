@@ -27,6 +27,12 @@ The protocol, per service group (a string key such as ``"clc"`` or ``"sc/cluster
   runs out (e.g. after a pause), when a reply or a fencing reject shows a higher epoch, or
   voluntarily (`release`).
 
+* **Lost campaigns** (`Candidate.campaign_lost`): a campaign ends when a majority refused, when
+  a rival that sorts first by name is seen, or at its deadline (which doubles after each
+  timeout, up to what a grant can be worth). The next one waits a random, doubling time (reset
+  by an election or by following a holder), and waits out a previous holder's lease that the
+  voters reported still running. This only decides when to ask; safety never depends on it.
+
 * **In-sync set (I2).** A primary records changes to its group's in-sync set with the voters
   (`propose_in_sync`): it drops a lagging backup only after a majority recorded the smaller
   set, and it adds a caught-up backup only after that backup already acknowledges every write.
@@ -95,6 +101,7 @@ The protocol, per service group (a string key such as ``"clc"`` or ``"sc/cluster
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -145,6 +152,17 @@ class LeaseConfig:
     """A campaign without a majority by then gives up; defaults to a quarter of the duration."""
     in_sync_retry: float | None = None
     """Resend an unconfirmed in-sync update this often; defaults to half the renew interval."""
+    campaign_timeout_max: float | None = None
+    """Cap of the campaign deadline, which doubles after each campaign that ended without enough
+    answers (a slow voter round trip is not a refusal); defaults to ``duration - margin``: a
+    grant arriving later than that is worthless anyway."""
+    retry_min: float | None = None
+    """Wait before retrying after a first failed campaign is random in ``[retry_min,
+    2 * retry_min]``; it doubles with each further failure (Raft's randomized election timeouts:
+    two candidates that keep defeating each other soon stop colliding). Defaults to
+    ``duration / 32``."""
+    retry_max: float | None = None
+    """Cap of the retry wait; defaults to the duration."""
 
     def __post_init__(self) -> None:
         if self.duration <= 0:
@@ -174,6 +192,20 @@ class LeaseConfig:
     @property
     def campaign_deadline(self) -> float:
         return self.campaign_timeout if self.campaign_timeout is not None else self.duration / 4.0
+
+    @property
+    def campaign_deadline_max(self) -> float:
+        if self.campaign_timeout_max is not None:
+            return max(self.campaign_timeout_max, self.campaign_deadline)
+        return max(self.duration - self.margin, self.campaign_deadline)
+
+    @property
+    def retry_base(self) -> float:
+        return self.retry_min if self.retry_min is not None else self.duration / 32.0
+
+    @property
+    def retry_cap(self) -> float:
+        return self.retry_max if self.retry_max is not None else self.duration
 
     @property
     def in_sync_resend(self) -> float:
@@ -231,6 +263,8 @@ class LeaseReply:
     config: tuple[tuple[str, ...], ...] = ()
     in_sync: tuple[str, ...] | None = None
     in_sync_version: tuple[int, int] = (0, 0)
+    lease_remaining: float = 0.0
+    """With reason ``held``: how much longer the holder's lease runs here (voter's clock)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +351,7 @@ LEASE_MESSAGES: tuple[type, ...] = (
     ConfigUpdate,
     ConfigReply,
 )
-_CODEC = Codec("lease", LEASE_MESSAGES)
+_CODEC = Codec("lease", LEASE_MESSAGES, omit_default=("lease_remaining",))
 
 
 def encode(msg: Any) -> dict[str, Any]:
@@ -550,7 +584,7 @@ class Voter:
         rec = self._record(req.group)
         expiry = self._expiry[req.group]
 
-        def reply(granted: bool, reason: str = "") -> LeaseReply:
+        def reply(granted: bool, reason: str = "", remaining: float = 0.0) -> LeaseReply:
             return LeaseReply(
                 group=req.group,
                 voter=self.name,
@@ -566,6 +600,7 @@ class Voter:
                 config=rec.config.wire() if rec.config is not None else (),
                 in_sync=None if rec.in_sync is None else tuple(sorted(rec.in_sync)),
                 in_sync_version=rec.in_sync_version,
+                lease_remaining=remaining,
             )
 
         if self.joining and rec.config is None and req.config_version <= BOOTSTRAP_VERSION:
@@ -590,7 +625,7 @@ class Voter:
             rec.in_sync_version = (int(req.in_sync_version[0]), int(req.in_sync_version[1]))
             self._persist(req.group, rec)
         if rec.holder is not None and rec.holder != req.candidate and not rec.released and now < expiry:
-            return reply(False, "held")
+            return reply(False, "held", expiry - now)
         if not self.config_current(rec, req.config_version):
             return reply(False, "config")
         if not self.eligible(rec, req.candidate, req.force):
@@ -785,6 +820,7 @@ class Candidate:
         *,
         min_epoch: int = 0,
         probe_voters: Iterable[str] = (),
+        rng: random.Random | None = None,
     ) -> None:
         self.name = name
         self.group = group
@@ -818,6 +854,18 @@ class Candidate:
         """The newest (version, members) in-sync set heard of from voters (relayed in requests)."""
         self.in_sync_recorded: InSyncRecorded | None = None
         self._events: list[LeaseEvent] = []
+        self._rng = rng if rng is not None else random.Random()
+        self.failures = 0
+        """Campaigns lost in a row (reset by an election or by seeing a holder)."""
+        self.timeouts = 0
+        """Campaigns in a row that ran out of time without enough answers (reset by an election)."""
+        self.retry_at = NEVER
+        """Do not start another campaign before this (our clock); see `campaign_lost`."""
+        self.last_holder: str | None = None
+        """The holder we last followed (`holder_seen`): its lease in a refusal is no rival's."""
+        self._refused: dict[str, LeaseReply] = {}
+        self._base = 0
+        """The highest epoch we knew of when the running campaign started."""
 
     # -- queries
 
@@ -893,6 +941,36 @@ class Candidate:
             return self._campaign_deadline
         return math.inf
 
+    def campaign_timeout(self) -> float:
+        """How long the next campaign waits for a majority: the configured deadline, doubled
+        for each campaign in a row that timed out (on a slow machine a voter's round trip can
+        take longer than the deadline; giving up then only burns an epoch), capped."""
+        cfg = self.config
+        return min(cfg.campaign_deadline * 2.0 ** min(self.timeouts, 16), cfg.campaign_deadline_max)
+
+    def may_campaign(self, now: float) -> bool:
+        """False while the backoff after a lost campaign runs (`retry_at`)."""
+        return now >= self.retry_at
+
+    def refusals(self) -> list[LeaseReply]:
+        """The refusals of the running (or last lost) campaign, by voter name."""
+        return [self._refused[v] for v in sorted(self._refused)]
+
+    def holder_seen(self, holder: str | None) -> None:
+        """Someone holds the lease (we follow a live primary): the next loss is a first one."""
+        self.failures = 0
+        if holder is not None and holder != self.name:
+            self.last_holder = holder
+
+    def _rival(self, reply: LeaseReply) -> bool:
+        """The holder a refusal names is another candidate: not us, not the holder we followed.
+        Before we followed anyone (just started), also only one holding an epoch above any we
+        knew of when our campaign started (a dead holder's lease is older)."""
+        h = reply.holder
+        if h is None or h in (self.name, self.last_holder):
+            return False
+        return self.last_holder is not None or reply.promised_epoch > self._base
+
     def drain_events(self) -> list[LeaseEvent]:
         events, self._events = self._events, []
         return events
@@ -923,13 +1001,15 @@ class Candidate:
         out: list[Send] = []
         if self.role is Role.CANDIDATE:
             out += self._step_down(now, "campaign_failed")
-        self.epoch = max(self.max_seen, self.epoch, floor) + 1
+        self._base = max(self.max_seen, self.epoch, floor)
+        self.epoch = self._base + 1
         self.max_seen = self.epoch
         self.role = Role.CANDIDATE
         self.force = force
         self._valid.clear()
         self._rounds.clear()
-        self._campaign_deadline = now + self.config.campaign_deadline
+        self._refused = {}
+        self._campaign_deadline = now + self.campaign_timeout()
         return out + self._round(now)
 
     def probe(self) -> list[Send]:
@@ -1005,9 +1085,21 @@ class Candidate:
             return out
         if not reply.granted:
             if reply.promised_epoch > self.epoch:
+                if self.role is Role.CANDIDATE:
+                    self._refused[reply.voter] = reply
+                    return out + self.campaign_lost(now, "higher_epoch")
                 return out + self._step_down(now, "higher_epoch")
             if reply.promised_epoch == self.epoch and reply.holder not in (None, self.name):
                 self._taken.add(reply.voter)
+            if self.role is Role.CANDIDATE and reply.reason != "config":
+                # ("config" is not a no: we adopted the newer configuration and asked again.)
+                self._refused[reply.voter] = reply
+                if self.cannot_win(self._refused):
+                    return out + self.campaign_lost(now, "refused")
+                if self._rival(reply) and str(reply.holder) < self.name:
+                    # Two campaigns at once: the one whose name sorts first goes on, we give way
+                    # now (releasing our grants at once rather than holding them until timeout).
+                    return out + self.campaign_lost(now, "yield")
             return out
         until = self.grant_valid_until(sent_at, now, reply.duration)
         if until > self._valid.get(reply.voter, NEVER):
@@ -1021,6 +1113,8 @@ class Candidate:
             self.in_sync_recorded = None
             self._cfg_version = 0
             self._taken = set()
+            self.failures = self.timeouts = 0
+            self.retry_at = NEVER
             self._events.append(Elected(self.epoch))
             log.info("lease acquired", extra={"group": self.group, "epoch": self.epoch})
             # Pin the configuration we were elected with at our epoch (see the module doc).
@@ -1044,8 +1138,53 @@ class Candidate:
             out += self._drive_config(now)
             return out
         if self.role is Role.CANDIDATE and now >= self._campaign_deadline:
-            return self._step_down(now, "campaign_failed")
+            return self.campaign_lost(now, "timeout")
         return []
+
+    def campaign_lost(self, now: float, why: str) -> list[Send]:
+        """End the running campaign (``timeout``, ``refused`` by enough voters that it cannot
+        win, or ``higher_epoch``) and set `retry_at`.
+
+        The wait is random in ``[b, 2b]`` with ``b = retry_min * 2**(failures - 1)`` (capped at
+        half of `retry_max`): the first retry is as quick as before, and candidates that keep
+        defeating each other (each campaign's higher epoch spoils the other's) spread out until
+        one wins. When voters refused because the previous holder's lease still runs there
+        (``held``, after a quick first retry that covers a death certificate still in flight),
+        it waits until that lease has run out: an earlier campaign cannot win and only uses up
+        an epoch. Tie-break (``yield``): a refusal that names a rival candidate (a holder other
+        than us and the holder we last followed) whose name sorts before ours ends our campaign
+        at once, and we wait one maximal campaign deadline more, so of two candidates that
+        spoil each other's campaigns the first by name gets a clear run (random waits alone
+        separate them only after several doublings on a slow machine). Safety does not depend
+        on any of this; only how many campaigns are wasted.
+        """
+        if self.role is not Role.CANDIDATE:
+            return []
+        cfg = self.config
+        self.failures += 1
+        if why == "timeout":
+            self.timeouts += 1
+        span = min(cfg.retry_cap / 2.0, cfg.retry_base * 2.0 ** min(self.failures - 1, 30))
+        wait = span * (1.0 + self._rng.random())
+        refused = self._refused.values()
+        held = [r.lease_remaining for r in refused if r.reason == "held" and not self._rival(r)]
+        if why == "refused" and held and self.failures >= 2:
+            wait = max(wait, min(max(held), cfg.duration) + cfg.retry_base * self._rng.random())
+        rivals = sorted(str(r.holder) for r in refused if self._rival(r))
+        if rivals and rivals[0] < self.name:
+            wait += cfg.campaign_deadline_max
+        self.retry_at = now + wait
+        log.info(
+            "campaign lost",
+            extra={
+                "group": self.group,
+                "epoch": self.epoch,
+                "reason": why,
+                "failures": self.failures,
+                "retry_in": round(wait, 3),
+            },
+        )
+        return self._step_down(now, f"campaign_{why}")
 
     def observe_epoch(self, epoch: int, now: float) -> list[Send]:
         """Another message (e.g. a fencing reject) showed `epoch`; a higher one deposes us."""

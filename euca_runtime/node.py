@@ -355,7 +355,6 @@ class Instance:
         self.force_next = False
         self.handing_over: str | None = None
         self.refusals: dict[str, str] = {}
-        self._campaign_refused: set[str] = set()
         self._recorded_changed = False
         self._write_queue: collections.deque[
             tuple[list[dict[str, Any]], asyncio.Future[WriteResult], int]
@@ -910,20 +909,9 @@ class Instance:
         if isinstance(msg, LeaseReply):
             if not msg.granted:
                 self.refusals[msg.voter] = msg.reason + (f" (holder {msg.holder})" if msg.holder else "")
+            # The candidate gives up a campaign that cannot win (or that a rival sorting first
+            # is running) by itself and sets its randomized, growing backoff (`retry_at`).
             out = cand.on_lease_reply(msg, now)
-            # A "config" refusal is not a no: the reply carries the voters' newer configuration,
-            # which the candidate adopts and asks again with at once (a planned switchover's
-            # target always hits this, its predecessor having pinned the configuration).
-            refused = not msg.granted and msg.reason != "config"
-            if cand.role is Role.CANDIDATE and msg.epoch == cand.epoch and refused:
-                self._campaign_refused.add(msg.voter)
-                if cand.cannot_win(self._campaign_refused):
-                    # A majority said no: this campaign cannot win. Give it up now (releasing
-                    # any minority grant) and retry soon if the primary looks dead.
-                    out += cand.release(now)
-                    self.next_campaign_at = now + (
-                        random.uniform(0.03, 0.06) if self._primary_gone() else random.uniform(0.1, 0.2)
-                    )
             self._after_lease()
             self.update_state()
             return out
@@ -1008,6 +996,8 @@ class Instance:
             return  # our users cannot reach us: never campaign while our route is DOWN
         if now < self.next_campaign_at or now < self.hold_off_until:
             return
+        if not self.force_next and not cand.may_campaign(now):
+            return  # backing off after a lost campaign (`Candidate.campaign_lost`)
         if not self.force_next:
             # A campaign is not free: a grant from a voter that missed the current holder's
             # election raises that voter's promise, and the holder steps down when it sees
@@ -1016,9 +1006,12 @@ class Instance:
                 return  # we have not heard the topology yet (just started)
             quiet_after = self.node.quiet_after
             if now - self.backup_heard < quiet_after and not self._primary_gone():
+                cand.holder_seen(self.following)
                 return
-            if self.node.live_primary(self.group, exclude=self.name) is not None:
+            live = self.node.live_primary(self.group, exclude=self.name)
+            if live is not None:
                 self.ever_followed = True  # a primary exists: the boot grace is over for good
+                cand.holder_seen(live)
                 return
             if (
                 self.role_hint == "backup"
@@ -1034,10 +1027,10 @@ class Instance:
                 return  # the voters would refuse: we are known to be out of the in-sync set
         force, self.force_next = self.force_next, False
         self.refusals.clear()
-        self._campaign_refused = set()
         self.node.send(cand.campaign(now, force=force, floor=self.fence))
         self._after_lease()
-        self.next_campaign_at = now + self.node.lease_config.campaign_deadline + random.uniform(0.02, 0.1)
+        if cand.role is Role.FOLLOWER:  # only probed the voters for the configuration
+            self.next_campaign_at = now + self.node.lease_config.campaign_deadline + random.uniform(0.02, 0.1)
 
     def _primary_gone(self) -> bool:
         """The primary we follow is on a node whose connection is down (e.g. it was killed)."""
@@ -1338,7 +1331,6 @@ class Instance:
                         cand._hear_config(tuple(cfg["version"]), cfg["sets"], now)
             self.node.send(cand.campaign(now, floor=self.fence))
             self._after_lease()
-            self.next_campaign_at = now + self.node.lease_config.campaign_deadline + 0.02
 
     def force_promote(self) -> None:
         """Campaign without the voters' in-sync check (operator accepted data loss)."""

@@ -116,8 +116,6 @@ class Host:
 class NodeTiming:
     tick: float = 0.1
     suspect_after: float = 0.35
-    backoff_min: float = 0.05
-    backoff_max: float = 0.5
 
 
 class SimNode:
@@ -173,6 +171,7 @@ class SimNode:
         self.backup: ReplicationBackup | None = None
         self.pending: dict[int, ClientWrite] = {}
         self.next_campaign_at = 0.0
+        self._noted_retry = 0.0
         self.announced_ready = False
         self.handing_over: tuple[str, float] | None = None
         """(target, deadline) of a planned switchover in progress: no new writes meanwhile."""
@@ -201,6 +200,7 @@ class SimNode:
                 self.lease_config,
                 min_epoch=self.store.fence_epoch,
                 probe_voters=self.all_voters,
+                rng=self.rng,
             )
             if self.target is not None:
                 self.candidate.set_target(self.target)
@@ -278,7 +278,6 @@ class SimNode:
             self._emit(cand._hear_config(msg.config_version, msg.config_sets, now))
         self.host.note(self, "takes over (planned switchover)")
         self._emit(cand.campaign(now, floor=self.store.fence_epoch))
-        self.next_campaign_at = now + self.lease_config.campaign_deadline + self.timing.backoff_min
 
     # -- plumbing
 
@@ -291,6 +290,15 @@ class SimNode:
         cand = self.candidate
         if cand is None:
             return
+        lost = cand.role is Role.FOLLOWER and cand.failures and cand.retry_at > now
+        if lost and cand.retry_at != self._noted_retry:
+            self._noted_retry = cand.retry_at
+            refusals = ", ".join(f"{r.voter}: {r.reason} {r.holder or ''}".strip() for r in cand.refusals())
+            self.host.note(
+                self,
+                f"lost epoch {cand.epoch} ({cand.last_step_down}; {refusals or 'no refusal'}), "
+                f"retry in {cand.retry_at - now:.3f}s",
+            )
         for _ in range(4):
             events = cand.drain_events()
             if not events:
@@ -332,7 +340,7 @@ class SimNode:
         self.pending = {}
         if self.backup is None:
             self.backup = self.factories.backup(self.name, self.group, self.store, self.repl_config)
-        self.next_campaign_at = now + self.rng.uniform(self.timing.backoff_min, self.timing.backoff_max)
+        self.next_campaign_at = max(self.next_campaign_at, now + self.rng.uniform(0.1, 0.3))
 
     def _relay(self, now: float) -> None:
         """Send the primary's in-sync proposal to the voters and report commits."""
@@ -366,17 +374,16 @@ class SimNode:
         elif cand.role is Role.FOLLOWER:
             b = self.backup
             quiet = b is None or now - b.last_heard > self.timing.suspect_after
-            if quiet and now >= self.next_campaign_at:
+            if not quiet and b is not None:
+                cand.holder_seen(b.primary)
+            if quiet and now >= self.next_campaign_at and cand.may_campaign(now):
                 self._emit(cand.campaign(now, floor=self.store.fence_epoch))
                 if cand.voter_config is None:
                     self.host.note(self, "probes the voters for the group's configuration")
+                    wait = self.lease_config.campaign_deadline + self.rng.uniform(0.02, 0.1)
+                    self.next_campaign_at = now + wait
                 else:
                     self.host.note(self, f"campaigns for epoch {cand.epoch}")
-                self.next_campaign_at = (
-                    now
-                    + self.lease_config.campaign_deadline
-                    + self.rng.uniform(self.timing.backoff_min, self.timing.backoff_max)
-                )
 
     def deliver(self, src: str, msg: Any) -> None:
         now = self.now()

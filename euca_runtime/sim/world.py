@@ -6,7 +6,8 @@ drift bound, and nothing iterates over an unordered set, so a seed replays exact
 Python process (`PYTHONHASHSEED` does not matter).
 
 A schedule runs a fault phase (partitions full and partial, one-way link cuts, loss bursts,
-process pauses, crashes with or without a supervisor's death certificate, restarts) with
+process pauses, crashes with or without a supervisor's death certificate, restarts, a slow
+machine that handles every message and timer late) with
 clients writing throughout, then heals everything and lets the group settle. The checkers
 run after every step; see `euca_runtime.sim.checkers`.
 """
@@ -14,6 +15,7 @@ run after every step; see `euca_runtime.sim.checkers`.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 import zlib
 from collections import Counter
@@ -75,6 +77,19 @@ class SimConfig:
     fault_rate: float | None = None
     """Faults per simulated second during the fault phase; None: chosen by the seed (0.5 to 2.5)."""
     death_certificates: bool = True
+    faults: bool = True
+    """False: no random faults (a scenario such as `slow_machine` alone)."""
+    slow_machine: tuple[float, float] | None = None
+    """(start, end) in simulated seconds of a "slow machine" phase: every process handles each
+    message and each timer late by a random `slow_delay` (a host at load 30-40). None: the
+    random fault phase may still start one (fault kind ``slow``)."""
+    slow_delay: tuple[float, float] = (0.5, 5.0)
+    """How late a slow machine handles each message (seconds, uniform)."""
+    slow_timer_delay: tuple[float, float] = (0.0, 1.0)
+    """How late a slow machine's timers (the HA tick) fire (seconds, uniform)."""
+    slow_kill_holder: bool = False
+    """Power off the writer as the slow phase starts (no death certificate; it restarts when
+    the phase ends): a failover that must complete while every process is slow."""
 
 
 @dataclass
@@ -93,6 +108,12 @@ class ScheduleResult:
     digest: int
     stats: dict[str, int] = field(default_factory=dict)
     """Messages sent by type, faults by kind, and divergent suffixes discarded."""
+    recovery: float | None = None
+    """With `SimConfig.slow_machine`: simulated seconds from the end of the slow phase (from its
+    start with `slow_kill_holder`) until a process is the writer (None: never)."""
+    slow_epochs: int = 0
+    """With `SimConfig.slow_machine`: how far the highest epoch any process campaigned for or
+    held rose from the start of the slow phase until that writer."""
 
     @property
     def ok(self) -> bool:
@@ -147,6 +168,13 @@ class World(Host):
         self._digest = 0
         self._next_write = 0
         self.stats: Counter[str] = Counter()
+        self.slow_until = -1.0
+        """Until then every process handles messages and timers late (a slow machine)."""
+        self._slow_rng = random.Random(self.rng.getrandbits(64))
+        self._slow_epoch = 0
+        self._slow_mark = math.inf
+        self.recovery: float | None = None
+        self.slow_epochs = 0
         names = sorted(set(voters) | set(members) | set(self.target))
         for name in names:
             self.nodes[name] = self._make_node(name, voters, members, self.factories)
@@ -204,7 +232,7 @@ class World(Host):
 
     def _schedule_tick(self, node: SimNode, local_delay: float) -> None:
         token = self._tick_token[node.name]
-        self._push(self.time + local_delay / node.clock.rate, _TICK, (node.name, token))
+        self._push(self.time + local_delay / node.clock.rate, _TICK, (node.name, token, False))
 
     def _jittered_tick(self, node: SimNode) -> float:
         t = self.config.timing.tick
@@ -217,7 +245,7 @@ class World(Host):
             return
         self.stats[type(msg).__name__] += 1
         for delay in self.network.delays(src, dst):
-            self._push(self.time + delay, _DELIVER, (dst, src, msg))
+            self._push(self.time + delay, _DELIVER, (dst, src, msg, False))
 
     def acknowledged(self, node: SimNode, write: ClientWrite, epoch: int) -> None:
         self.checker.on_acknowledged(write)
@@ -250,8 +278,8 @@ class World(Host):
         rng = self.rng
         names = sorted(self.nodes)
         kind = rng.choices(
-            ["partition", "one_way", "isolate", "pause", "crash", "loss", "heal", "switchover"],
-            weights=[3, 3, 2, 3, 3, 1, 1, 2],
+            ["partition", "one_way", "isolate", "pause", "crash", "loss", "heal", "switchover", "slow"],
+            weights=[3, 3, 2, 3, 3, 1, 1, 2, 1],
         )[0]
         duration = rng.uniform(0.2, 3.0)
         if kind == "partition":
@@ -306,6 +334,9 @@ class World(Host):
             if not serving[0].start_handover(target):
                 return
             desc = f"switchover {serving[0].name} -> {target}"
+        elif kind == "slow":
+            self.slow_until = max(self.slow_until, self.time + duration)
+            desc = f"slow machine for {duration:.2f}s"
         else:
             self.network.heal_all()
             desc = "heal network"
@@ -321,6 +352,32 @@ class World(Host):
         self.stats["reconfigure"] += 1
         self.faults.append(f"{self.time:.3f} reconfigure voters -> {list(voters)}")
         self._log(f"RECONFIGURE voters -> {list(voters)}")
+
+    def _max_epoch(self) -> int:
+        return max((n.candidate.epoch for n in self.nodes.values() if n.candidate is not None), default=0)
+
+    def _slow_start(self, end: float) -> None:
+        self.slow_until = end
+        self._slow_epoch = self._max_epoch()
+        self._slow_mark = end
+        self.stats["fault:slow"] += 1
+        self.faults.append(f"{self.time:.3f} slow machine until {end:.3f}")
+        self._log(f"FAULT slow machine until {end:.3f}")
+        if self.config.slow_kill_holder:
+            self._slow_mark = self.time
+            for node in [n for n in self.nodes.values() if n.is_writer()]:
+                self._crash(node)
+                self.faults.append(f"{self.time:.3f} power off {node.name}, restart at {end:.3f}")
+                self._log(f"FAULT power off {node.name}")
+                self._push(end, _ACTION, partial(self._restart, node))
+
+    def _slow_late(self, kind: int, payload: tuple[Any, ...]) -> bool:
+        """A slow machine handles this message or timer later: queue it again, once."""
+        if kind not in (_DELIVER, _TICK) or self.time >= self.slow_until or payload[-1]:
+            return False
+        late = self.config.slow_delay if kind == _DELIVER else self.config.slow_timer_delay
+        self._push(self.time + self._slow_rng.uniform(*late), kind, (*payload[:-1], True))
+        return True
 
     def _end_loss(self) -> None:
         self.network.extra_loss = 0.0
@@ -359,6 +416,8 @@ class World(Host):
 
     def _heal_everything(self) -> None:
         self.network.heal_all()
+        if self.config.slow_machine is None:
+            self.slow_until = min(self.slow_until, self.time)
         for node in self.nodes.values():
             if not node.up:
                 self._restart(node)
@@ -402,6 +461,11 @@ class World(Host):
 
     def _check(self) -> None:
         self.checker.check_single_writer(self.nodes.values(), self.time)
+        slow = self.config.slow_machine
+        if slow is not None and self.recovery is None and self.time >= self._slow_mark:
+            if any(n.is_writer() for n in self.nodes.values()):
+                self.recovery = self.time - self._slow_mark
+                self.slow_epochs = self._max_epoch() - self._slow_epoch
 
     def _settled(self) -> SimNode | None:
         serving = [n for n in self.nodes.values() if n.serving()]
@@ -426,8 +490,8 @@ class World(Host):
         for node in self.nodes.values():
             node.start()
             self._schedule_tick(node, node.rng.uniform(0.0, cfg.timing.tick))
-        t = 0.0
-        while True:
+        t = 0.0 if cfg.faults else cfg.fault_time
+        while cfg.faults:
             t += self.rng.expovariate(self.fault_rate)
             if t >= cfg.fault_time:
                 break
@@ -447,6 +511,8 @@ class World(Host):
                 break
             self._push(t, _ACTION, self._client_write)
         self._push(cfg.fault_time, _ACTION, self._heal_everything)
+        if cfg.slow_machine is not None:
+            self._push(cfg.slow_machine[0], _ACTION, partial(self._slow_start, cfg.slow_machine[1]))
         end = cfg.fault_time + cfg.settle_time
         settled: SimNode | None = None
         while self._heap:
@@ -454,12 +520,14 @@ class World(Host):
             if at > end:
                 break
             self._advance(at)
+            if self._slow_late(kind, payload):
+                continue
             self.events += 1
             if kind == _DELIVER:
-                dst, src, msg = payload
+                dst, src, msg, _ = payload
                 self._deliver(self.nodes[dst], src, msg)
             elif kind == _TICK:
-                name, token = payload
+                name, token, _ = payload
                 node = self.nodes[name]
                 if token != self._tick_token[name] or not node.up or node.paused:
                     continue
@@ -500,6 +568,8 @@ class World(Host):
             faults=list(self.faults),
             digest=self._digest,
             stats=dict(sorted(self.stats.items())),
+            recovery=self.recovery,
+            slow_epochs=self.slow_epochs,
         )
 
 

@@ -115,6 +115,67 @@ def test_random_schedules_keep_the_invariants() -> None:
         assert stats[key] > 0, f"the simulation never exercised {key}"
 
 
+STATIC_TOPOLOGIES = ("3v-2d", "3v-3d", "5v-2d", "5v-3d")
+"""Topologies without a voter-set change (powering off the only bootstrap voter of "1v>3v"
+leaves no possible majority, which is no liveness bug)."""
+SLOW_SEEDS = 40
+
+
+def _slow_results(**kwargs: object) -> list[ScheduleResult]:
+    results = []
+    for seed in range(BASE_SEED, BASE_SEED + SLOW_SEEDS):
+        config = SimConfig(
+            topology=STATIC_TOPOLOGIES[seed % len(STATIC_TOPOLOGIES)],
+            faults=False,
+            slow_machine=(2.0, 10.0),
+            **kwargs,  # type: ignore[arg-type]
+        )
+        results.append(run_schedule(seed, config))
+    return results
+
+
+def _check_slow(
+    results: list[ScheduleResult], *, median: float, p90: float, worst: float, epochs_median: int, epochs: int
+) -> None:
+    failed = [r for r in results if not r.ok or not r.converged]
+    assert not failed, failed[0].describe()
+    recovery = sorted(r.recovery if r.recovery is not None else float("inf") for r in results)
+    used = sorted(r.slow_epochs for r in results)
+    n = len(results)
+    summary = (
+        f"recovery p50 {recovery[n // 2]:.2f}s p90 {recovery[n * 9 // 10]:.2f}s max {recovery[-1]:.2f}s, "
+        f"epochs p50 {used[n // 2]} max {used[-1]}"
+    )
+    print(summary)
+    assert recovery[n // 2] <= median, summary
+    assert recovery[n * 9 // 10] <= p90, summary
+    assert recovery[-1] <= worst, summary
+    assert used[n // 2] <= epochs_median, summary
+    assert used[-1] <= epochs, summary
+
+
+def test_slow_machine_elects_soon_after_it_ends_without_burning_epochs() -> None:
+    """Every process handles messages 0.5-5 s late and its timers fire up to 1 s late for 8 s
+    (a host at load 30-40): no lease can be held meanwhile (1 s leases), but campaigns back off
+    instead of burning an epoch every few hundred ms, and a writer is elected soon after."""
+    _check_slow(_slow_results(), median=1.5, p90=3.0, worst=5.0, epochs_median=7, epochs=10)
+
+
+def test_power_off_failover_completes_while_every_process_is_slow() -> None:
+    """The writer is powered off (no death certificate) while every message is handled
+    0.1-0.45 s late (round trips up to 0.9 s, under the 1 s lease): the two candidates used to
+    spoil each other's campaigns (and give up after a fixed 0.25 s) for the whole slow phase;
+    now one of them is elected during it, with few epochs."""
+    _check_slow(
+        _slow_results(slow_delay=(0.1, 0.45), slow_timer_delay=(0.0, 0.3), slow_kill_holder=True),
+        median=3.0,
+        p90=5.0,
+        worst=8.0,  # elected before the slow phase ends, in every schedule
+        epochs_median=4,
+        epochs=8,
+    )
+
+
 @pytest.mark.parametrize("variant", sorted(v for v in VARIANTS if v != "correct"))
 def test_broken_variant_is_caught(variant: str) -> None:
     """Each deliberately broken protocol variant fails a checker within a bounded search."""

@@ -417,12 +417,141 @@ def test_superseded_proposal_acks_do_not_count() -> None:
     assert c.in_sync_recorded is None
 
 
+# --------------------------------------------------------------------------- campaign backoff
+
+
+def held(r: LeaseRequest, voter_name: str, holder: str, remaining: float, promised: int = 0) -> LeaseReply:
+    return LeaseReply(
+        r.group, voter_name, r.candidate, r.epoch, r.request_id, False, 0.0, promised, "held", holder,
+        lease_remaining=remaining,
+    )  # fmt: skip
+
+
+def lose_by_timeout(c: Candidate, now: float) -> float:
+    """Campaign at `now` with no answer at all; returns when the campaign gave up."""
+    c.campaign(now)
+    deadline = c.next_deadline()
+    assert c.tick(deadline - 1e-6) == [] and c.role is Role.CANDIDATE
+    c.tick(deadline)
+    assert c.role is Role.FOLLOWER
+    return deadline
+
+
+def test_voter_tells_how_long_the_holder_lease_still_runs() -> None:
+    v = voter()
+    assert v.on_lease_request(req("a", 1), 100.0).granted
+    r = v.on_lease_request(req("b", 2), 100.5)
+    assert (r.granted, r.reason, r.holder) == (False, "held", "a")
+    assert r.lease_remaining == pytest.approx(CFG.duration - 0.5)
+
+
+def test_campaign_deadline_doubles_after_timeouts_up_to_the_lease_and_resets_on_election() -> None:
+    c = Candidate("a", G, VOTERS, CFG, rng=random.Random(1))
+    now, lengths = 10.0, []
+    for _ in range(5):
+        started = c.retry_at if c.retry_at > now else now
+        now = lose_by_timeout(c, started)
+        lengths.append(round(now - started, 6))
+    base, cap = CFG.campaign_deadline, CFG.duration - CFG.margin
+    assert lengths == pytest.approx([base, 2 * base, min(4 * base, cap), cap, cap])
+    elect(c, sent=now + 5, received=now + 5.05)
+    assert c.timeouts == 0 and c.campaign_timeout() == base
+
+
+def test_retry_wait_is_random_grows_and_is_capped() -> None:
+    cfg = LeaseConfig(duration=1.0, max_drift=0.01, retry_min=0.1, retry_max=1.0, campaign_timeout=0.2)
+    waits: list[list[float]] = []
+    for seed in range(20):
+        c = Candidate("a", G, VOTERS, cfg, rng=random.Random(seed))
+        now, mine = 0.0, []
+        for _ in range(6):
+            ended = lose_by_timeout(c, now)
+            mine.append(c.retry_at - ended)
+            assert not c.may_campaign(c.retry_at - 1e-6) and c.may_campaign(c.retry_at)
+            now = c.retry_at
+        waits.append(mine)
+    for n, column in enumerate(zip(*waits, strict=True)):
+        b = min(0.5, 0.1 * 2**n)
+        assert all(b <= w <= 2 * b for w in column), (n, column)
+        if b < 0.5:
+            assert len({round(w, 9) for w in column}) > 10  # randomized, not one fixed value
+
+
+def test_seeing_a_holder_makes_the_next_loss_a_first_one() -> None:
+    c = Candidate("a", G, VOTERS, CFG, rng=random.Random(2))
+    for _ in range(4):
+        lose_by_timeout(c, max(c.retry_at, 0.0))
+    assert c.failures == 4
+    c.holder_seen("b")
+    ended = lose_by_timeout(c, c.retry_at)
+    assert c.failures == 1 and c.retry_at - ended <= 2 * CFG.retry_base
+
+
+def test_majority_refusal_ends_the_campaign_at_once() -> None:
+    c = Candidate("a", G, VOTERS, CFG, rng=random.Random(3))
+    r = c.campaign(10.0)[0].msg
+    assert c.on_lease_reply(refuse(r, "v1", 0, "not_in_sync"), 10.1) == []
+    out = c.on_lease_reply(refuse(r, "v2", 0, "not_in_sync"), 10.1)
+    assert c.role is Role.FOLLOWER and c.last_step_down == "campaign_refused"
+    assert all(isinstance(s.msg, LeaseRelease) for s in out) and len(out) == 3
+    assert 10.1 + CFG.retry_base <= c.retry_at <= 10.1 + 2 * CFG.retry_base
+    # A "config" refusal is not a no (the candidate adopts the newer configuration and asks again).
+    r = c.campaign(11.0)[0].msg
+    c.on_lease_reply(refuse(r, "v1", 0, "config"), 11.1)
+    c.on_lease_reply(refuse(r, "v2", 0, "config"), 11.1)
+    assert c.role is Role.CANDIDATE
+
+
+def test_refused_for_an_unexpired_lease_retries_once_quickly_then_waits_for_its_end() -> None:
+    c = Candidate("b", G, VOTERS, CFG, rng=random.Random(4))
+    c.holder_seen("a")
+    r = c.campaign(10.0)[0].msg
+    c.on_lease_reply(held(r, "v1", "a", 1.5), 10.1)
+    c.on_lease_reply(held(r, "v2", "a", 1.5), 10.1)
+    # First loss: a quick retry (a death certificate may be on its way to the voters).
+    assert c.role is Role.FOLLOWER and c.retry_at <= 10.1 + 2 * CFG.retry_base
+    r = c.campaign(c.retry_at)[0].msg
+    assert r.epoch == 2
+    c.on_lease_reply(held(r, "v1", "a", 1.3), 10.3)
+    c.on_lease_reply(held(r, "v3", "a", 1.2), 10.3)
+    # Second: no new epoch before the lease that the voters still see has run out.
+    assert 10.3 + 1.3 <= c.retry_at <= 10.3 + 1.3 + CFG.retry_base
+
+
+def test_a_rival_that_sorts_first_makes_us_give_way_at_once() -> None:
+    b = Candidate("b", G, VOTERS, CFG, rng=random.Random(5))
+    r = b.campaign(10.0)[0].msg
+    b.on_lease_reply(grant(r, "v2"), 10.05)
+    out = b.on_lease_reply(held(r, "v1", "a", 0.9, promised=1), 10.1)
+    assert b.role is Role.FOLLOWER and b.last_step_down == "campaign_yield"
+    assert {s.to for s in out} == set(VOTERS) and all(isinstance(s.msg, LeaseRelease) for s in out)
+    assert b.retry_at >= 10.1 + CFG.campaign_deadline_max
+    # The one that sorts first keeps campaigning when refused for b's lease.
+    a = Candidate("a", G, VOTERS, CFG, rng=random.Random(6))
+    r = a.campaign(10.0)[0].msg
+    a.on_lease_reply(held(r, "v2", "b", 0.9, promised=1), 10.1)
+    assert a.role is Role.CANDIDATE
+    # The holder we followed is no rival: refused for its lease, we do not give way.
+    c = Candidate("c", G, VOTERS, CFG, rng=random.Random(7), min_epoch=3)
+    c.holder_seen("a")
+    r = c.campaign(10.0)[0].msg
+    c.on_lease_reply(held(r, "v1", "a", 0.9, promised=4), 10.1)
+    assert c.role is Role.CANDIDATE
+    # Before we followed anyone, nor is a holder whose epoch is older than our campaign (a dead
+    # primary we never followed).
+    d = Candidate("d", G, VOTERS, CFG, rng=random.Random(8), min_epoch=3)
+    r = d.campaign(10.0)[0].msg
+    d.on_lease_reply(held(r, "v1", "a", 0.9, promised=3), 10.1)
+    assert d.role is Role.CANDIDATE
+
+
 # --------------------------------------------------------------------------- codec
 
 
 MESSAGES = [
     LeaseRequest(G, "a", 3, 9, True),
     LeaseReply(G, "v1", "a", 3, 9, False, 0.0, 4, "held", "b"),
+    LeaseReply(G, "v1", "a", 3, 9, False, 0.0, 4, "held", "b", lease_remaining=0.75),
     LeaseRelease(G, "a", 3),
     DeathCertificate(G, "a", 3, "supervisor@host"),
     InSyncUpdate(G, "a", 3, 2, ("a", "b")),
@@ -435,6 +564,15 @@ def test_codec_roundtrip(msg: Any) -> None:
     doc = lease.encode(msg)
     assert doc["type"] == type(msg).__name__
     assert lease.decode(doc) == msg
+
+
+def test_lease_remaining_travels_only_when_set() -> None:
+    """A field added later is left out at its default: the previous version decodes the rest."""
+    plain = LeaseReply(G, "v1", "a", 3, 9, True, 1.0, 3)
+    assert "lease_remaining" not in lease.encode(plain)
+    assert lease.encode(LeaseReply(G, "v1", "a", 3, 9, False, 0.0, 4, "held", "b", lease_remaining=0.5))[
+        "lease_remaining"
+    ] == pytest.approx(0.5)
 
 
 def test_codec_rejects_garbage() -> None:
