@@ -7,7 +7,15 @@ keys sent straight to the process of the instance under test, back to back.
 
 - after failover: `kill -9` of the kv primary; reads go to the surviving process from the moment
   of the kill (they are held until its instance is ENABLED); the window is the first second
-  after the first successful read. steady: a 1 s window at the same instance 2 s later.
+  after the first successful read. steady: a 1 s window at the same instance 2 s later. In
+  `up --ha` one process holds the primary of every group (clc, kv, walrus, sc, cc), so the
+  survivor takes over all five at once and their takeover work shares its CPU with the reads:
+  this is the case the target applies to.
+- kv only (reported beside it, same method): before the kill, every other group's primary is
+  switched over (`eucactl switchover`) to the survivor, so the killed process holds only the kv
+  primary and the survivor takes over kv alone (it still drops the dead process from the other
+  groups' in-sync sets). The difference between the two cases is the cost of the other groups'
+  takeovers on the kv reads.
 - cold baseline: a non-HA cloud (`up`) with the same keys is stopped (`down`) and started again
   (`up`, which returns once kv is ENABLED): a fresh interpreter whose object cache was rebuilt
   from the database at open and whose SQLite connection/page cache is empty. The OS page cache
@@ -80,10 +88,16 @@ def _stats(lat: list[float]) -> dict[str, float]:
     return {"p50": statistics.median(lat), "p99": pct(lat, 99), "n": len(lat)}
 
 
-def _failover_trial(c: Cloud, keys: int) -> tuple[dict[str, float], dict[str, float]]:
+def _failover_trial(c: Cloud, keys: int, kv_only: bool = False) -> tuple[dict[str, float], dict[str, float]]:
     c.wait_ha(("kv",))
     victim = c.primary_node("kv")
     survivor = c.other_node(victim)
+    if kv_only:
+        others = sorted({s["group"] for s in c.services() if s.get("replicated") and s["group"] != "kv"})
+        c.wait_ha(others)
+        for group in others:
+            if c.primary_node(group) == victim:
+                c.switchover(group, survivor)
     url = c.kv_url(survivor)
     os.kill(c.pid(victim), signal.SIGKILL)
     first = asyncio.run(_read_window(url, keys, 1.0))
@@ -121,6 +135,7 @@ def run(keys: int = 5000, trials: int = 3) -> dict[str, Any]:
         asyncio.run(_fill(c.kv_url(c.primary_node("kv")), keys))
         c.wait_ha(("kv",))
         failover = [_failover_trial(c, keys) for _ in range(trials)]
+        kv_only = [_failover_trial(c, keys, kv_only=True) for _ in range(trials)]
     with cloud(ha=False) as c:
         asyncio.run(_fill(c.kv_url(c.primary_node("kv")), keys))
         cold = [_cold_trial(c, keys) for _ in range(trials)]
@@ -130,6 +145,7 @@ def run(keys: int = 5000, trials: int = 3) -> dict[str, Any]:
         "trials": trials,
         "target_ratio": TARGET,
         "after_failover": after,
+        "after_failover_kv_only": _case(kv_only),
         "cold_start": _case(cold),
         "met": after["ratio_p50"]["p50"] <= TARGET and after["ratio_p99"]["p50"] <= TARGET,
     }

@@ -28,7 +28,10 @@ are delivered in-process.
 Threads: the cores are not thread-safe and the store is blocking. Lease logic (`Candidate`)
 runs on the event loop and never blocks; everything that touches a replica store (primary,
 backup) runs on the instance's single replication thread, in submission order; the voter has
-its own thread (it persists promises before answering).
+its own thread (it persists promises before answering). One exception keeps two thread
+handoffs off every replicated write: a backup's ack that only moves the primary's in-memory
+counters (`ReplicationPrimary.ack_is_light`) is handled on the loop when the replication
+thread is idle (no job submitted and not yet handled), which is the same as a job in order.
 
 Routing (`Node.call`): a request for (type, partition) goes to the ENABLED instance with the
 highest epoch in the topology view, in-process when it is local. `NotPrimary` answers, lost
@@ -333,6 +336,9 @@ class Instance:
         self._primary: ReplicationPrimary | None = None  # replication thread only
         self._backup: ReplicationBackup | None = None  # replication thread only
         self._exec = ThreadPoolExecutor(1, thread_name_prefix=f"repl-{self.name}")
+        self._jobs = 0
+        """Replication-thread jobs submitted whose result the loop has not handled yet; while it
+        is 0 the thread is idle and the loop may run a light job itself (`on_message`)."""
         # Mirrors of replication-thread state, for the loop (plain attribute reads).
         self.primary_ready = False
         self.primary_epoch = 0
@@ -413,7 +419,11 @@ class Instance:
         return self.node.clock.monotonic()
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._exec, fn)
+        self._jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._exec, fn)
+        finally:
+            self._jobs -= 1
 
     async def open(self) -> None:
         """Open the store and build the component; BROKEN on failure (the process lives on)."""
@@ -725,13 +735,14 @@ class Instance:
 
         def early(sends: list[Send]) -> None:
             # Out to the backups before our own commit: their apply overlaps ours. Wait (in
-            # Event.wait, without the GIL) until the loop has run the send and, two turns
-            # later, its transport write; else the loop waits for the GIL until our fsync.
+            # Event.wait, without the GIL) until the loop has run the send: `node.send` spawns
+            # the bus request, whose first step (queued before `sent.set`) writes the frame;
+            # else the loop waits for the GIL until our fsync.
             sent = threading.Event()
 
             def go() -> None:
                 self.node.send(sends)
-                loop.call_soon(loop.call_soon, sent.set)
+                loop.call_soon(sent.set)
 
             loop.call_soon_threadsafe(go)
             sent.wait(EARLY_SEND_WAIT)
@@ -820,8 +831,10 @@ class Instance:
     def _submit(self, fn: Callable[[], _JobResult], *, sends: bool = True) -> asyncio.Future[_JobResult]:
         """Queue a replication job now (FIFO); its result is handled on the loop when done."""
         fut = asyncio.get_running_loop().run_in_executor(self._exec, fn)
+        self._jobs += 1
 
         def done(f: asyncio.Future[_JobResult]) -> None:
+            self._jobs -= 1
             if f.cancelled():
                 return
             exc = f.exception()
@@ -933,6 +946,15 @@ class Instance:
             if cand.role is not Role.FOLLOWER and msg.epoch > cand.epoch:
                 self.node.send(cand.observe_epoch(msg.epoch, now))
                 self._after_lease()
+        if isinstance(msg, ReplicateAck) and self._jobs == 0:
+            p = self._primary
+            if p is None or p.ack_is_light(msg):
+                # The replication thread is idle (every job submitted so far has been handled
+                # here) and this ack only moves in-memory counters: run it on the loop, saving
+                # the two thread handoffs on every replicated write's path to its answer.
+                r = self._job_message(msg)
+                self._handle_result(r, sends=False)
+                return r.sends
         if isinstance(msg, Replicate | SnapshotChunk | ReplicateAck | CatchUpRequest | SnapshotPull):
             try:
                 r = await self._submit(lambda: self._job_message(msg), sends=False)

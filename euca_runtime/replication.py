@@ -801,6 +801,19 @@ class ReplicationPrimary:
             return self._send_from(msg.sender, peer, now)
         return []
 
+    def ack_is_light(self, msg: ReplicateAck) -> bool:
+        """Whether `on_ack(msg)` runs without touching the store beyond its in-memory position:
+        no state transfer to close and no records to read for a backup that is behind what
+        was sent to it (the steady state: the backup acked what the primary streamed)."""
+        peer = self.peers.get(msg.sender)
+        if peer is None or msg.epoch != self.epoch:
+            return True
+        if peer.transfer is not None:
+            return False
+        last = self.store.last_seq
+        acked = max(peer.acked, min(msg.seq, last))
+        return not (acked < last and max(peer.sent_upto, acked) <= acked)
+
     def _send_from(self, name: str, peer: _Peer, now: float) -> list[Send]:
         recs = self.store.records_after(peer.acked, self.config.batch, self.config.chunk_bytes)
         if not recs:

@@ -737,3 +737,51 @@ def test_tick_does_not_flood_a_slow_backup_with_records_already_in_flight() -> N
     assert [r.seq for r in resent.records] == list(range(1, 9))
     pump(p, b, [Send("b", resent)], 1.6)  # each ack pulls the next batch at once
     assert b.store.last_seq == 20 and p.lag("b") == 0
+
+
+class CountingStore(MemoryReplicaStore):
+    """Counts the log reads of the primary (what `ack_is_light` promises to avoid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def records_after(self, seq: int, limit: int, max_bytes: int | None = None) -> list[ChangeRecord] | None:
+        self.reads += 1
+        return super().records_after(seq, limit, max_bytes)
+
+
+def test_steady_state_acks_are_light_and_a_light_ack_never_reads_the_store() -> None:
+    """`ack_is_light` lets the node run an ack on its event loop; it must be True for the
+    streaming steady state and never True for an ack whose handling reads the log."""
+    rng = random.Random(7)
+    store = CountingStore()
+    p = ready_primary(store)
+    p.on_in_sync_recorded({"a", "b"})
+    b = ReplicationBackup("b", G, MemoryReplicaStore(), CFG)
+    pump(p, b, p.tick(0.0), 0.0)
+    now, light_seen, heavy_seen = 0.0, 0, 0
+    for i in range(300):
+        now += 0.01
+        _, sends = p.append([kv_put(f"k{i}", i)], now)
+        if i % 50 >= 30 or rng.random() < 0.1:
+            continue  # lost on the way (bursts, so catch-up comes in several batches)
+        queue = list(sends) if rng.random() < 0.9 else p.tick(now + CFG.resend_after)
+        for _ in range(100):
+            if not queue:
+                break
+            s = queue.pop(0)
+            if s.to == "b":
+                queue += b.handle(s.msg, now)
+            elif isinstance(s.msg, ReplicateAck):
+                light = p.ack_is_light(s.msg)
+                before = store.reads
+                queue += p.on_ack(s.msg, now)
+                if light:
+                    light_seen += 1
+                    assert store.reads == before, f"a light ack read the store (write {i})"
+                else:
+                    heavy_seen += 1
+            elif isinstance(s.msg, CatchUpRequest):
+                queue += p.on_catch_up(s.msg, now)
+    assert light_seen > 100 and heavy_seen > 0

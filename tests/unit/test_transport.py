@@ -182,6 +182,31 @@ async def test_request_response(pki: dict[str, NodePki]) -> None:
 
 
 @arun
+async def test_frames_keep_their_order_whether_written_directly_or_queued(pki: dict[str, NodePki]) -> None:
+    """A frame is written straight away only while nothing is queued or buffered before it: a
+    burst mixing big frames (which back the transport up) and small ones arrives in order."""
+    arrived: list[int] = []
+
+    async def record(req: dict[str, Any]) -> Any:
+        arrived.append(req["body"]["i"])  # first step of the handler: runs in arrival order
+        return req["body"]["i"]
+
+    a, b = await pair(pki, record)
+    try:
+        direct = a.stats["frames_direct"]
+        assert await a.request("b", "kv", "one", {"i": -1, "pad": b""}, timeout=5) == -1
+        assert a.stats["frames_direct"] > direct  # an idle connection writes at once
+        arrived.clear()
+        bodies = [{"i": i, "pad": b"x" * (300_000 if i % 7 == 0 else 10)} for i in range(60)]
+        results = await asyncio.gather(*(a.request("b", "kv", "n", body, timeout=20) for body in bodies))
+        assert results == list(range(60))
+        assert arrived == list(range(60))
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@arun
 async def test_remote_errors(pki: dict[str, NodePki]) -> None:
     async def handler(req: dict[str, Any]) -> Any:
         if req["method"] == "typed":
