@@ -98,7 +98,7 @@ class Deployed:
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
-    name = f"dpvip{os.getpid() % 100}"
+    name = os.environ.get("EUCA_TEST_BED_DPVIP", f"dpvip{os.getpid() % 100}")
     workdir = tmp_path_factory.mktemp("dpvip")
     try:
         tb.up(name, 3)
