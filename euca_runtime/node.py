@@ -1669,6 +1669,9 @@ class Node:
 
     async def _dispatch(self, msg: Any) -> list[Send]:
         """Hand one protocol message to the voter or the instance of its group."""
+        if isinstance(msg, DeathCertificate):  # from a host's supervisor (euca_runtime.death)
+            await self.death_certificate(msg.group, msg.holder, msg.epoch, msg.issuer)
+            return []
         if isinstance(msg, VOTER_MESSAGES):
             voter = self.voter
             if voter is None:

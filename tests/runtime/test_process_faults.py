@@ -206,3 +206,28 @@ def test_deregister_an_instance_whose_host_is_gone(ha_cloud: Cloud) -> None:
         assert row["state"] == "STOPPED" and row["cause"].startswith("deregistered"), row
     finally:
         os.kill(pid_b, signal.SIGCONT)
+
+
+def test_systemd_death_hook_certifies_over_the_bus(ha_cloud: Cloud) -> None:
+    """`python -m euca_runtime.death` (the unit's ExecStopPost) releases a dead holder's leases.
+
+    node-a's `up` supervisor is killed first, so only the hook can certify; it runs right after the
+    `kill -9` (as systemd runs it) and the voters record the certificate from `systemd@node-a`.
+    """
+    from euca_runtime import death, local
+
+    wait_until(lambda: ha_cloud.enabled("kv") == "node-a.kv", what="node-a.kv ENABLED")
+    wait_until(lambda: ha_cloud.service("node-b.kv")["state"] == "DISABLED", what="node-b.kv in sync")
+    supervisor = local.read_pid(ha_cloud.layout.supervisor_pid_file("node-a"))
+    assert supervisor is not None
+    os.kill(supervisor, signal.SIGKILL)
+    pid_a = ha_cloud.pid("node-a")
+    # While the process lives, the hook certifies nothing.
+    assert death.certify(str(ha_cloud.layout.nodes["node-a"].config)) == 0
+    os.kill(pid_a, signal.SIGKILL)
+    wait_until(lambda: not death.pid_alive(pid_a), what="node-a's runtime gone")
+    assert death.certify(str(ha_cloud.layout.nodes["node-a"].config)) == 0
+    wait_until(lambda: ha_cloud.enabled("kv", via="node-b") == "node-b.kv", what="node-b.kv ENABLED")
+    proc = ha_cloud.ctl("describe-services", "--events", "-o", "json")
+    events = json.dumps(json.loads(proc.stdout)["events"])
+    assert "death certificate from systemd@node-a" in events, events[-3000:]
