@@ -13,7 +13,7 @@ Routes (JSON in, JSON out; errors are ``{"error": TYPE, "message": ...}`` with 4
 ``POST /v1/services/{name}``                ``{"state": ENABLED|DISABLED|STOPPED}``: modify-service
 ``POST /v1/switchover``                     ``{"group", "to"}``
 ``POST /v1/register``                       ``{"name", "type"?, "partition"?, "node"?, "host"?}``
-``POST /v1/deregister``                     ``{"name"}``
+``POST /v1/deregister``                     ``{"name", "force"?}``
 ``POST /v1/force-promote``                  ``{"name", "accept_data_loss": true}``
 ``POST /v1/death-certificate``              ``{"group", "holder", "epoch", "issuer"}`` (supervisors)
 ``POST /v1/fault``                          ``{"name", "fault": "hang"|"error"|null}`` (tests only)
@@ -126,7 +126,7 @@ def make_admin_app(node: Node) -> web.Application:
         body = await _body(request)
         if not body.get("name"):
             return _err(400, "BadRequest", "deregister needs a name")
-        return web.json_response(await node.deregister(str(body["name"])))
+        return web.json_response(await node.deregister(str(body["name"]), force=body.get("force") is True))
 
     async def force_promote(request: web.Request) -> web.Response:
         body = await _body(request)

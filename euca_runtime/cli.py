@@ -20,6 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
+from euca_runtime import sdnotify
 from euca_runtime.config import ConfigError, load_config
 from euca_runtime.log import configure, get_logger
 
@@ -57,7 +58,14 @@ async def _serve(config_path: str) -> int:
         log.error("cannot start", extra={"reason": str(exc)})
         await node.stop()
         return 1
+    # Under systemd (Type=notify, WatchdogSec=): ready now, then watchdog pings from this loop.
+    sdnotify.notify("READY=1")
+    interval = sdnotify.watchdog_interval()
+    pinger = asyncio.create_task(sdnotify.watchdog_loop(interval), name="watchdog") if interval else None
     await stop.wait()
+    sdnotify.notify("STOPPING=1")
+    if pinger is not None:
+        pinger.cancel()
     await node.stop()
     return 0
 

@@ -27,7 +27,12 @@ is down. Commands:
 - ``modify-service NAME --state ENABLED|DISABLED|STOPPED``: takes effect or fails with a reason
   (exit status 1); an operator's STOPPED survives restarts.
 - ``switchover GROUP --to NAME``: planned hand-over of a group's primary role.
-- ``register NAME [--type T] [--partition P] [--node N] [--host H]`` / ``deregister NAME``.
+- ``register NAME [--type T] [--partition P] [--node N] [--host H]`` / ``deregister NAME [--force]``.
+  Deregistering stops the instance on its node (persisted) and tombstones its registry row.
+  When its node does not answer (a dead host) the row is tombstoned without it if the
+  instance cannot hold its group's lease: another instance of the group is ENABLED, or its node
+  last reported it as not ENABLED (or the group has no primary, e.g. nc). Otherwise it is
+  refused (``MayHoldLease``) unless ``--force``.
 - ``force-promote NAME --accept-data-loss``: promote an instance outside the in-sync set.
 - ``describe-voters [-o table|json]``: every group's voter configuration (version, sets, joint
   or not, a pending change), the configured target and which voters are still joining.
@@ -312,6 +317,11 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--host")
     p = sub.add_parser("deregister", help="deregister (and stop) a service instance")
     p.add_argument("name")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also when its host does not answer and it may still hold its group's lease",
+    )
     p = sub.add_parser("describe-voters", help="show every group's voter configuration")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     sub.add_parser("reload", help="re-read the configuration file (peers, voters) without a restart")
@@ -367,8 +377,11 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"{res['name']}: registered")
             return 0
         if args.cmd == "deregister":
-            res = client.call("POST", "/v1/deregister", {"name": args.name}, timeout=20.0)
-            print(f"{res['name']}: deregistered")
+            body = {"name": args.name, "force": True} if args.force else {"name": args.name}
+            res = client.call("POST", "/v1/deregister", body, timeout=20.0)
+            inst = res.get("instance") or {}
+            how = " (its host did not answer; tombstoned without it)" if inst.get("without_node") else ""
+            print(f"{res['name']}: deregistered{how}")
             return 0
         if args.cmd == "describe-voters":
             doc = client.call("GET", "/v1/voters")

@@ -1683,6 +1683,9 @@ class Node:
 
     async def _dispatch(self, msg: Any) -> list[Send]:
         """Hand one protocol message to the voter or the instance of its group."""
+        if isinstance(msg, DeathCertificate):  # from a host's supervisor (euca_runtime.death)
+            await self.death_certificate(msg.group, msg.holder, msg.epoch, msg.issuer)
+            return []
         if isinstance(msg, VOTER_MESSAGES):
             voter = self.voter
             if voter is None:
@@ -2226,6 +2229,10 @@ class Node:
         for name, reg in (self.registry or {}).items():
             if name in rows:
                 if not reg.get("registered") and rows[name]["state"] != "STOPPED":
+                    if rows[name]["cause"].startswith("unreachable"):
+                        # Deregistered while its node was gone (eucactl deregister of a dead host's
+                        # instance): a tombstone, not a member that went missing.
+                        rows[name].update(state="STOPPED", in_sync=False)
                     rows[name]["cause"] = "deregistered; " + rows[name]["cause"]
                 continue
             node = str(reg.get("node"))
@@ -2506,17 +2513,77 @@ class Node:
                 )
         return {"name": name, "registered": True, "instance": started}
 
-    async def deregister(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
-        """``eucactl deregister``: stop the instance (persisted) and tombstone its registry row."""
+    def last_reported(self, name: str) -> str | None:
+        """`name`'s state as its node last reported it (fresh or not; None: never heard of it)."""
+        inst = self.instances.get(name)
+        if inst is not None:
+            return str(inst.state)
+        for view in self.views.values():
+            for i in view.doc.get("instances", ()):
+                if i.get("name") == name:
+                    return str(i.get("state"))
+        return None
+
+    def gone_instance_refusal(self, name: str, known: Mapping[str, Any]) -> str:
+        """Why `name`, whose node does not answer, may still be its group's lease holder ("" if not).
+
+        Safe to tombstone without its node: another instance of the group is ENABLED now (fresh),
+        so the gone one holds no current lease; or the group is not primary/backup (nc,
+        arbitrator); or its node last reported it as not ENABLED.
+        """
+        group = known.get("group")
+        others = [
+            r["name"]
+            for r in self.describe()
+            if r["group"] == group and r["name"] != name and r["state"] == "ENABLED"
+        ]
+        if others or not known.get("replicated", True):
+            return ""
+        last = self.last_reported(name)
+        if last == "ENABLED":
+            return (
+                f"{name} was its group's primary (ENABLED) when its node was last heard from and no other "
+                f"instance of {group} is ENABLED: it may still hold the lease"
+            )
+        return ""
+
+    async def deregister(self, name: str, timeout: float = 10.0, force: bool = False) -> dict[str, Any]:
+        """``eucactl deregister``: stop the instance (persisted) and tombstone its registry row.
+
+        When the instance's node does not answer (a dead host), the row is tombstoned without it,
+        unless the instance may still be its group's lease holder (`gone_instance_refusal`);
+        `force` tombstones it anyway.
+        """
         known = self._instance_doc(name)
         reg = (self.registry or {}).get(name)
         if known is None and reg is None:
             raise RequestError("NotFound", f"no service instance named {name!r}")
-        stopped = None
+        stopped: Any = None
         if known is not None:
-            stopped = await self._on_node_of(
-                name, "registration", {"name": name, "registered": False}, timeout
-            )
+            try:
+                stopped = await self._on_node_of(
+                    name, "registration", {"name": name, "registered": False}, timeout
+                )
+            except RequestError as exc:
+                if exc.kind != "Unreachable":
+                    raise
+                refusal = self.gone_instance_refusal(name, known)
+                if refusal and not force:
+                    raise RequestError(
+                        "MayHoldLease",
+                        f"{exc.message}; {refusal}. Deregister it once another instance is ENABLED "
+                        "(switchover or force-promote), or pass force if its host is certainly down",
+                    ) from None
+                log.warning(
+                    "deregistered without its node",
+                    extra={"instance": name, "reason": exc.message, "forced": bool(refusal)},
+                )
+                stopped = {
+                    "name": name,
+                    "state": "unreachable",
+                    "without_node": True,
+                    "forced": bool(refusal),
+                }
         doc = {
             "name": name,
             "type": (known or reg or {}).get("type"),

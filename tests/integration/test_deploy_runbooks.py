@@ -120,5 +120,10 @@ def test_replace_a_dead_host_by_a_new_one(cloud: Cloud) -> None:
             g["group"]: sorted(sorted(s) for s in g["config"]["sets"]) for g in doc2["groups"] if g["config"]
         }
         assert all(s == [["h1", "h3", "h4"]] for s in sets.values()), sets
+        # The dead host's instances were deregistered without it: tombstones, not missing members.
+        old = [r for r in cloud.eucactl_json("h1", "describe-services") if r["node"] == "h2"]
+        assert old and all(r["state"] == "STOPPED" and r["cause"].startswith("deregistered") for r in old), (
+            old
+        )
     finally:
         tb.start(cloud.name, "h2")

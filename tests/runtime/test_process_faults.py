@@ -162,3 +162,72 @@ def test_deregister_stops_an_instance_for_good_and_register_brings_it_back(ha_cl
     assert proc.returncode == 0, proc.stderr
     assert ha_cloud.get("node-b", "solo") == b"1"
     assert writer.missing(via="node-b") == []
+
+
+def test_deregister_an_instance_whose_host_is_gone(ha_cloud: Cloud) -> None:
+    """A frozen node (its host is gone as far as anyone can tell) cannot stop its instances itself.
+
+    Its backup instances are tombstoned without it (another instance of their group is ENABLED);
+    the instance that was its group's only primary is refused (it may still hold the lease)
+    unless forced.
+    """
+    wait_until(lambda: ha_cloud.enabled("kv") == "node-a.kv", what="node-a.kv ENABLED")
+    wait_until(lambda: ha_cloud.service("node-b.kv")["state"] == "DISABLED", what="node-b.kv in sync")
+    wait_until(lambda: ha_cloud.enabled("walrus") == "node-a.walrus", what="node-a.walrus ENABLED")
+    # kv: node-b.kv is the primary and the only instance that can be.
+    assert ha_cloud.ctl("switchover", "kv", "--to", "node-b.kv").returncode == 0
+    proc = ha_cloud.ctl("modify-service", "node-a.kv", "--state", "STOPPED")
+    assert proc.returncode == 0, proc.stderr
+    pid_b = ha_cloud.pid("node-b")
+    os.kill(pid_b, signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: ha_cloud.service("node-b.walrus", via="node-a")["cause"].startswith("unreachable"),
+            what="node-b unreachable",
+        )
+        # The group's primary, last heard ENABLED, no other ENABLED: refused, nothing changed.
+        proc = ha_cloud.ctl("deregister", "node-b.kv")
+        assert proc.returncode != 0
+        assert "MayHoldLease" in proc.stderr and "may still hold the lease" in proc.stderr, proc.stderr
+        assert not ha_cloud.service("node-b.kv", via="node-a")["cause"].startswith("deregistered")
+        # A backup of a group whose primary is alive: tombstoned without its node.
+        proc = ha_cloud.ctl("deregister", "node-b.walrus")
+        assert proc.returncode == 0, proc.stderr
+        assert "tombstoned without it" in proc.stdout, proc.stdout
+        row = ha_cloud.service("node-b.walrus", via="node-a")
+        assert row["state"] == "STOPPED" and row["cause"].startswith("deregistered"), row
+        groups = json.loads(ha_cloud.ctl("describe-groups", "-o", "json").stdout)
+        walrus = next(g for g in groups if g["group"] == "walrus")
+        assert "node-b.walrus" not in json.dumps(walrus), walrus  # not part of the group's health
+        # The operator knows the host is down for good: --force.
+        proc = ha_cloud.ctl("deregister", "node-b.kv", "--force")
+        assert proc.returncode == 0, proc.stderr
+        row = ha_cloud.service("node-b.kv", via="node-a")
+        assert row["state"] == "STOPPED" and row["cause"].startswith("deregistered"), row
+    finally:
+        os.kill(pid_b, signal.SIGCONT)
+
+
+def test_systemd_death_hook_certifies_over_the_bus(ha_cloud: Cloud) -> None:
+    """`python -m euca_runtime.death` (the unit's ExecStopPost) releases a dead holder's leases.
+
+    node-a's `up` supervisor is killed first, so only the hook can certify; it runs right after the
+    `kill -9` (as systemd runs it) and the voters record the certificate from `systemd@node-a`.
+    """
+    from euca_runtime import death, local
+
+    wait_until(lambda: ha_cloud.enabled("kv") == "node-a.kv", what="node-a.kv ENABLED")
+    wait_until(lambda: ha_cloud.service("node-b.kv")["state"] == "DISABLED", what="node-b.kv in sync")
+    supervisor = local.read_pid(ha_cloud.layout.supervisor_pid_file("node-a"))
+    assert supervisor is not None
+    os.kill(supervisor, signal.SIGKILL)
+    pid_a = ha_cloud.pid("node-a")
+    # While the process lives, the hook certifies nothing.
+    assert death.certify(str(ha_cloud.layout.nodes["node-a"].config)) == 0
+    os.kill(pid_a, signal.SIGKILL)
+    wait_until(lambda: not death.pid_alive(pid_a), what="node-a's runtime gone")
+    assert death.certify(str(ha_cloud.layout.nodes["node-a"].config)) == 0
+    wait_until(lambda: ha_cloud.enabled("kv", via="node-b") == "node-b.kv", what="node-b.kv ENABLED")
+    proc = ha_cloud.ctl("describe-services", "--events", "-o", "json")
+    events = json.dumps(json.loads(proc.stdout)["events"])
+    assert "death certificate from systemd@node-a" in events, events[-3000:]
