@@ -9,6 +9,7 @@ endpoint and every instance store, the checkers, and a result file.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import random
 import secrets
@@ -49,7 +50,7 @@ class Plan:
     steps: list[list[Fault]]
     mix: Mix = field(default_factory=Mix)
     settle: float = 3.0  # workload alone before the first fault, and after the last recovery
-    recovery_timeout: float = 120.0
+    recovery_timeout: float = 300.0  # generous: a loaded machine re-syncs slowly
 
 
 def _steps_doc(steps: list[list[Fault]]) -> list[list[dict[str, Any]]]:
@@ -96,6 +97,9 @@ def run_schedule(cloud: Cloud, plan: Plan, out: Path, label: str) -> dict[str, A
         for s in samplers:
             s.join(timeout=60)
     ops = history.snapshot()
+    with open(out / f"{label}.samples.jsonl", "w", encoding="utf-8") as f:
+        for sample in sorted((x for s in samplers for x in [*s.services, *s.groups]), key=lambda x: x["t0"]):
+            f.write(json.dumps(sample, sort_keys=True) + "\n")
     result = _check(cloud, ops, samplers, steps, tag, ec2_before)
     result.update(
         {
@@ -113,6 +117,7 @@ def run_schedule(cloud: Cloud, plan: Plan, out: Path, label: str) -> dict[str, A
             "final_unhealthy": final_bad,
             "client_crashes": {c.process: c.crashed for c in clients if c.crashed},
             "history": str(out / f"{label}.history.jsonl"),
+            "samples_file": str(out / f"{label}.samples.jsonl"),
         }
     )
     recovered_everywhere = final_at is not None and all(s["recovery_s"] is not None for s in steps)
