@@ -83,6 +83,11 @@ def run_schedule(cloud: Cloud, plan: Plan, out: Path, label: str) -> dict[str, A
             info["unhealthy_after"] = bad
             steps.append(info)
             log.info("step done", extra={"faults": info["started"], "recovery_s": info["recovery_s"]})
+            if at is None:
+                # A cloud that did not recover fails the run already; more faults would only
+                # pile up on it. The rest of the schedule is skipped (and says so).
+                log.warning("step did not recover; skipping the rest of the schedule", extra={"unhealthy": bad})
+                break
     finally:
         t_heal = history.now()
         healed = heal_all(ctx)
@@ -111,6 +116,7 @@ def run_schedule(cloud: Cloud, plan: Plan, out: Path, label: str) -> dict[str, A
             "duration_s": round(history.now(), 1),
             "schedule": _steps_doc(plan.steps),
             "steps": steps,
+            "steps_skipped": len(plan.steps) - len(steps),
             "op_counts": counts(ops),
             "final_heal": {"did": healed, "at": t_heal},
             "final_recovery_s": None if final_at is None else round(final_at - t_heal, 3),
