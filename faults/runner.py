@@ -86,7 +86,7 @@ def run_schedule(cloud: Cloud, plan: Plan, out: Path, label: str) -> dict[str, A
             if at is None:
                 # A cloud that did not recover fails the run already; more faults would only
                 # pile up on it. The rest of the schedule is skipped (and says so).
-                log.warning("step did not recover; skipping the rest of the schedule", extra={"unhealthy": bad})
+                log.warning("step did not recover; the rest is skipped", extra={"unhealthy": bad})
                 break
     finally:
         t_heal = history.now()
