@@ -126,6 +126,7 @@ def run_schedule(cloud: Cloud, plan: Plan, out: Path, label: str) -> dict[str, A
             "samples_file": str(out / f"{label}.samples.jsonl"),
         }
     )
+    result["cleanup"] = _terminate_leftovers(cloud, ops)
     recovered_everywhere = final_at is not None and all(s["recovery_s"] is not None for s in steps)
     result["recovered"] = recovered_everywhere
     result["valid"] = bool(result["checks_valid"] and recovered_everywhere and not result["client_crashes"])
@@ -185,6 +186,22 @@ def _check(
         "anomalies": sorted(anomalies) + sorted(errors),
         "samples": {"services": len(services), "groups": len(groups)},
     }
+
+
+def _terminate_leftovers(cloud: Cloud, ops: list[Any]) -> dict[str, Any]:
+    """After the checks: terminate the run's instances (the NC's capacity is small; the next run
+    on the same cloud needs it). Not part of the history."""
+    ids = sorted({str(o.value) for o in ops if o.f == chk.EC2_RUN and o.result == "ok" and o.value})
+    errors: list[str] = []
+    for url in cloud.endpoints.ec2:
+        if not ids:
+            break
+        try:
+            cloud.endpoints.client("ec2", url, read_timeout=30).terminate_instances(InstanceIds=ids)
+            return {"terminated": ids}
+        except (ClientError, BotoCoreError, OSError) as exc:
+            errors.append(f"{url}: {exc}")
+    return {"terminated": [], "errors": errors}
 
 
 def run(plan: Plan, bed: str = "flt", out: Path = RESULTS) -> dict[str, Any]:
