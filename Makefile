@@ -32,6 +32,7 @@ venv: $(VENV)/.stamp
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy euca_runtime testbed
 	$(BIN)/ansible-lint --profile production --offline
 	@for p in playbooks/*.yml playbooks/runbooks/*.yml; do \
 	  [ -e "$$p" ] || continue; \
@@ -48,7 +49,7 @@ molecule: deps venv
 	cd $(CURDIR) && $(BIN)/molecule test --all
 
 test: deps venv lint
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=25 tests
 	$(MAKE) --no-print-directory molecule
 
 demo: deps venv

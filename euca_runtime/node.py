@@ -1496,12 +1496,12 @@ class Node:
             make_app = getattr(importlib.import_module(module), factory)
             apps.append((make_app(self), addr.host, addr.port, name))
             self.api_urls[name] = f"http://{addr}"
-        for app, host, port, name in apps:
+        for app, host, port, api_name in apps:
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
-            shared = getattr(self.cfg.shared_api, name) if name is not None else None
+            shared = getattr(self.cfg.shared_api, api_name) if api_name is not None else None
             if shared is not None:
                 # The same app on the API's shared address, with every other process serving it:
                 # the kernel hands each new connection to one of the live listeners.
@@ -2343,6 +2343,12 @@ class Node:
         before = inst.state
         if inst.broken:
             raise RequestError("Broken", f"{name} is BROKEN: {inst.broken}")
+        if state == "DISABLED" and not inst.replicated:
+            # No lease, no standby role: DISABLED would silently stay ENABLED (EUCA-6389).
+            raise RequestError(
+                "NotSupported",
+                f"{name} has no primary/backup role, so it cannot be DISABLED; use STOPPED or ENABLED",
+            )
         if state == "STOPPED":
             if not inst.stopped:
                 await inst.stop_service("operator")

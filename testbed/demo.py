@@ -11,7 +11,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from euca_runtime.ctl import groups_table
 from testbed import bed as tb
@@ -26,11 +28,15 @@ TOPOLOGY = ROOT / "inventories" / "demo" / "topology.yml"
 EUCARC = Path.home() / ".euca-ha" / NAME / "eucarc"
 
 
-def site(inventory: Path, *extra: str, playbook: str = "playbooks/site.yml") -> tuple[int, str]:
-    """Run a playbook; return the total `changed=` of the play recap and the output."""
+def run_playbook(inventories: Sequence[Path | str], playbook: str, *extra: str) -> tuple[int, str]:
+    """Run a playbook of this repository over the given inventory sources, as an operator runs
+    it; return the total `changed=` of the play recap and the output. Used by `make demo` and by
+    the Molecule `ha` scenario's verifier."""
     bindir = Path(sys.executable).parent
-    cmd = [str(bindir / "ansible-playbook"), "-i", str(inventory), "-i", str(TOPOLOGY), *extra]
-    cmd.append(playbook)
+    cmd = [str(bindir / "ansible-playbook")]
+    for inventory in inventories:
+        cmd += ["-i", str(inventory)]
+    cmd += [*extra, playbook]
     env = {
         **os.environ,
         "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
@@ -45,6 +51,11 @@ def site(inventory: Path, *extra: str, playbook: str = "playbooks/site.yml") -> 
     return sum(int(n) for n in re.findall(r"changed=(\d+)", recap)), proc.stdout
 
 
+def site(inventory: Path, *extra: str, playbook: str = "playbooks/site.yml") -> tuple[int, str]:
+    """Run a playbook over the bed's inventory and the demo's topology."""
+    return run_playbook([inventory, TOPOLOGY], playbook, *extra)
+
+
 def read_eucarc(path: Path) -> dict[str, str]:
     """The `export NAME=value` lines of an eucarc."""
     env: dict[str, str] = {}
@@ -55,32 +66,73 @@ def read_eucarc(path: Path) -> dict[str, str]:
     return env
 
 
-def smoke(env: dict[str, str]) -> str:
-    """IAM CreateUser through EUARE_URL; an S3 bucket, a put through the first walrus host and a
-    get through every one (each forwards to the ENABLED walrus). Returns a one-line summary."""
+def client(env: dict[str, str], service: str, url: str) -> Any:
+    """A boto3 client for one endpoint with the eucarc's credentials (path-style S3)."""
     import boto3
     from botocore.config import Config
 
-    common = {
-        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
-        "region_name": env["AWS_DEFAULT_REGION"],
-    }
     retries = {"max_attempts": 5, "mode": "standard"}
     cfg = Config(s3={"addressing_style": "path"}, retries=retries, connect_timeout=5)  # type: ignore[arg-type]
-    stamp = time.strftime("%Y%m%d%H%M%S")
-    iam = boto3.client("iam", endpoint_url=env["EUARE_URL"], config=cfg, **common)
-    user = iam.create_user(UserName=f"demo-{stamp}")["User"]["UserName"]
-    s3_urls = env["S3_URLS"].split()
-    bucket, key, body = f"demo-{stamp}", "hello.txt", f"hello from the demo cloud, {stamp}\n".encode()
-    first = boto3.client("s3", endpoint_url=s3_urls[0], config=cfg, **common)
+    return boto3.client(
+        service,  # type: ignore[call-overload]
+        endpoint_url=url,
+        config=cfg,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+
+
+def iam_user_with_key(env: dict[str, str], url: str, name: str) -> str:
+    """IAM CreateUser and CreateAccessKey through `url`; the key must then be listed. Returns
+    the new access key id."""
+    iam = client(env, "iam", url)
+    user = iam.create_user(UserName=name)["User"]["UserName"]
+    key_id = str(iam.create_access_key(UserName=user)["AccessKey"]["AccessKeyId"])
+    listed = [k["AccessKeyId"] for k in iam.list_access_keys(UserName=user)["AccessKeyMetadata"]]
+    if key_id not in listed:
+        raise TestbedError(f"IAM through {url}: access key {key_id} of {user} is not listed ({listed})")
+    return key_id
+
+
+def s3_round_trip(
+    env: dict[str, str], put_url: str, get_urls: Sequence[str], bucket: str, body: bytes
+) -> None:
+    """Create `bucket` and put an object through `put_url`, read it back through every one of
+    `get_urls` (each walrus host forwards to the ENABLED walrus)."""
+    first = client(env, "s3", put_url)
     first.create_bucket(Bucket=bucket)
-    first.put_object(Bucket=bucket, Key=key, Body=body)
-    for url in s3_urls:
-        got = boto3.client("s3", endpoint_url=url, config=cfg, **common).get_object(Bucket=bucket, Key=key)
+    first.put_object(Bucket=bucket, Key="hello.txt", Body=body)
+    for url in get_urls:
+        got = client(env, "s3", url).get_object(Bucket=bucket, Key="hello.txt")
         if got["Body"].read() != body:
             raise TestbedError(f"S3 get through {url} returned other bytes than were put")
-    return f"IAM user {user} created; s3://{bucket}/{key} put and read back through {len(s3_urls)} S3 URL(s)"
+
+
+def ec2_zones(env: dict[str, str], url: str) -> dict[str, str]:
+    """EC2 DescribeAvailabilityZones through `url`: each zone's name and state."""
+    zones = client(env, "ec2", url).describe_availability_zones()["AvailabilityZones"]
+    return {str(z["ZoneName"]): str(z["State"]) for z in zones}
+
+
+def smoke(env: dict[str, str]) -> str:
+    """IAM CreateUser + CreateAccessKey through EUARE_URL; an S3 bucket, a put through the first
+    S3 URL and a get through every one; EC2 DescribeAvailabilityZones through every EC2 URL.
+    Returns a one-line summary."""
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    key_id = iam_user_with_key(env, env["EUARE_URL"], f"demo-{stamp}")
+    s3_urls = env["S3_URLS"].split()
+    bucket = f"demo-{stamp}"
+    s3_round_trip(env, s3_urls[0], s3_urls, bucket, f"hello from the demo cloud, {stamp}\n".encode())
+    ec2_urls = env.get("EC2_URLS", "").split()
+    zones = [ec2_zones(env, url) for url in ec2_urls]
+    if any(not z or z != zones[0] for z in zones):
+        raise TestbedError(f"EC2 DescribeAvailabilityZones differs between {ec2_urls}: {zones}")
+    return (
+        f"IAM user demo-{stamp} created with access key {key_id}; s3://{bucket}/hello.txt put and read "
+        f"back through {len(s3_urls)} S3 URL(s); zones {zones[0] if zones else []} through "
+        f"{len(ec2_urls)} EC2 URL(s)"
+    )
 
 
 def main() -> int:

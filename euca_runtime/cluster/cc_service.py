@@ -379,7 +379,7 @@ class CCService:
         if not ids:
             raise CCError("InvalidParameterValue", "instance_ids must be a non-empty list")
         known = self.view.instances()
-        out = []
+        out: list[dict[str, Any]] = []
         for iid in ids:
             found = known.get(iid)
             if found is None:

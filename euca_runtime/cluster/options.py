@@ -42,6 +42,7 @@ def check_options(ctype: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ValueError(f"must be a mapping, got {value!r}")
     opts = dict(value)
+    allowed: tuple[str, ...]
     if ctype == "nc":
         allowed = ("cores", "memory_mib", "disk_gib", "driver")
     elif ctype == "cc":

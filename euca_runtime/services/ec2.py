@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import re
 import secrets
 import time
@@ -34,16 +33,15 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 from xml.sax.saxutils import escape
 
 from aiohttp import web
 
 from euca_runtime.cluster.instance_types import INSTANCE_TYPES
 from euca_runtime.component import RequestError, RequestInfo, ServiceUnavailable, group_key
-from euca_runtime.credentials import key_cache
 from euca_runtime.log import get_logger
-from euca_runtime.sigv4 import AuthError, check_signature, parse_request, query_error
+from euca_runtime.services.query_api import QueryApi, Refusal, make_query_app
+from euca_runtime.sigv4 import AuthError, query_error
 from euca_runtime.store import StoreError
 
 if TYPE_CHECKING:
@@ -1405,99 +1403,41 @@ def render_error(code: str, message: str, request_id: str) -> str:
 # --------------------------------------------------------------------------- HTTP API
 
 
-def _xml(status: int, text: str) -> web.Response:
-    return web.Response(status=status, text=text, content_type="text/xml")
-
-
-def _auth_error(exc: AuthError) -> tuple[int, str, str]:
+def _auth_error(exc: AuthError) -> Refusal:
     if exc.kind in ("unknown_key", "inactive_key"):
         return 401, "AuthFailure", "AWS was not able to validate the provided access credentials"
     return query_error(exc)
 
 
+def _validate(action: str, params: Mapping[str, str]) -> Refusal | None:
+    if action not in ACTIONS:
+        return 400, "InvalidAction", f"The action {action} is not valid for this web service."
+    if not params.get("Version"):
+        return 400, "MissingParameter", "The request must contain the parameter Version"
+    if params.get("DryRun", "").lower() == "true":
+        return 412, "DryRunOperation", "Request would have succeeded, but DryRun flag is set."
+    return None
+
+
+QUERY_API = QueryApi(
+    service="ec2",
+    render_error=lambda status, code, message, rid: render_error(code, message, rid),
+    render_result=render_result,
+    validate=_validate,
+    caller=lambda info: {"account": info.account, "account_id": info.account_id, "user": info.user},
+    status=STATUS,
+    default_status=400,
+    unavailable_code="Unavailable",
+    internal_code="InternalError",
+    max_body=MAX_BODY,
+    control_params=frozenset({"Action", "Version", "DryRun"}),
+    auth_error=_auth_error,
+)
+
+
 def make_api_app(node: Node, *, timeout: float = API_TIMEOUT) -> web.Application:
     """The EC2 Query API of one process; actions are forwarded to the ENABLED clc."""
-    keys = key_cache(node)
-
-    def error(status: int, code: str, message: str, rid: str) -> web.Response:
-        return _xml(status, render_error(code, message, rid))
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        rid = str(uuid.uuid4())
-        if request.method not in ("GET", "POST"):
-            return error(405, "InvalidAction", f"method {request.method} is not supported", rid)
-        body = await request.read()
-        raw_path, _, raw_query = request.raw_path.partition("?")
-        params: dict[str, str] = {}
-        try:
-            for k, v in parse_qsl(raw_query, keep_blank_values=True):
-                params[k] = v
-            if body:
-                for k, v in parse_qsl(body.decode("utf-8"), keep_blank_values=True):
-                    params[k] = v
-        except (UnicodeDecodeError, ValueError):
-            return error(400, "MalformedQueryString", "the request body is not a form-encoded query", rid)
-        action = params.get("Action", "")
-        try:
-            parsed = parse_request(request.method, raw_path, raw_query, request.headers, datetime.now(UTC))
-            if parsed.service != "ec2":
-                raise AuthError(
-                    "signature_mismatch",
-                    "Credential should be scoped to correct service: 'ec2'.",
-                    presigned=parsed.presigned,
-                )
-            info = await keys.resolve(parsed.access_key)
-            check_signature(parsed, info.secret_key, hashlib.sha256(body).hexdigest())
-        except AuthError as exc:
-            status, code, message = _auth_error(exc)
-            if exc.kind == "signature_mismatch" and "scoped" in exc.message:
-                message = exc.message
-            log.info("ec2 request refused", extra={"action": action, "reason": exc.kind, "node": node.name})
-            return error(status, code, message, rid)
-        except ServiceUnavailable as exc:
-            return error(503, "Unavailable", f"the identity service is unavailable: {exc}", rid)
-        except RequestError as exc:
-            return error(500, "InternalError", exc.message, rid)
-        if not action:
-            return error(400, "MissingAction", "the request has no Action", rid)
-        version = params.get("Version")
-        if action not in ACTIONS:
-            return error(400, "InvalidAction", f"The action {action} is not valid for this web service.", rid)
-        if not version:
-            return error(400, "MissingParameter", "The request must contain the parameter Version", rid)
-        if params.get("DryRun", "").lower() == "true":
-            return error(412, "DryRunOperation", "Request would have succeeded, but DryRun flag is set.", rid)
-        call_params = {
-            k: v
-            for k, v in params.items()
-            if k not in ("Action", "Version", "DryRun") and not k.startswith("X-Amz-")
-        }
-        try:
-            result = await node.call(
-                "clc",
-                None,
-                "ec2.action",
-                {
-                    "action": action,
-                    "params": call_params,
-                    "caller": {"account": info.account, "account_id": info.account_id, "user": info.user},
-                    "request_id": rid,
-                },
-                timeout=timeout,
-            )
-        except RequestError as exc:
-            status = STATUS.get(exc.kind, 400)
-            return error(status, exc.kind, exc.message, rid)
-        except ServiceUnavailable as exc:
-            log.warning(
-                "ec2 request not served", extra={"action": action, "reason": str(exc), "node": node.name}
-            )
-            return error(503, "Unavailable", f"no ENABLED clc answered in time: {exc}", rid)
-        return _xml(200, render_result(action, result, rid))
-
-    app = web.Application(client_max_size=MAX_BODY)
-    app.router.add_route("*", "/", handle)
-    return app
+    return make_query_app(node, QUERY_API, timeout=timeout)
 
 
 __all__ = [

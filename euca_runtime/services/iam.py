@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import re
 import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 from xml.sax.saxutils import escape
 
 from aiohttp import web
@@ -46,8 +44,6 @@ from euca_runtime.component import ComponentHandler, RequestError, RequestInfo, 
 from euca_runtime.credentials import (
     CredentialKeyError,
     SecretBox,
-    authenticate,
-    key_cache,
     load_credential_key,
     new_access_key_id,
     new_account_id,
@@ -55,7 +51,7 @@ from euca_runtime.credentials import (
     new_user_id,
 )
 from euca_runtime.log import get_logger
-from euca_runtime.sigv4 import AuthError, parse_request, query_error
+from euca_runtime.services.query_api import QueryApi, Refusal, make_query_app
 
 if TYPE_CHECKING:
     from euca_runtime.node import Node
@@ -627,92 +623,30 @@ def render_error(code: str, message: str, request_id: str, *, sender: bool = Tru
 # --------------------------------------------------------------------------- HTTP API
 
 
-def _xml(status: int, text: str) -> web.Response:
-    return web.Response(status=status, text=text, content_type="text/xml")
+def _validate(action: str, params: Mapping[str, str]) -> Refusal | None:
+    version = params.get("Version")
+    if version != API_VERSION or action not in ACTIONS:
+        return 400, "InvalidAction", f"Could not find operation {action} for version {version}"
+    return None
+
+
+QUERY_API = QueryApi(
+    service="iam",
+    render_error=lambda status, code, message, rid: render_error(code, message, rid, sender=status < 500),
+    render_result=render_result,
+    validate=_validate,
+    caller=lambda info: {"account": info.account, "user": info.user},
+    status=STATUS,
+    default_status=500,
+    unavailable_code="ServiceUnavailable",
+    internal_code="InternalFailure",
+    max_body=MAX_BODY,
+)
 
 
 def make_api_app(node: Node, *, timeout: float = DEFAULT_TIMEOUT) -> web.Application:
     """The IAM Query API of one process; actions are forwarded to the ENABLED clc."""
-    keys = key_cache(node)
-
-    def error(status: int, code: str, message: str, rid: str) -> web.Response:
-        return _xml(status, render_error(code, message, rid, sender=status < 500))
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        rid = str(uuid.uuid4())
-        if request.method not in ("GET", "POST"):
-            return error(405, "InvalidAction", f"method {request.method} is not supported", rid)
-        body = await request.read()
-        raw_path, _, raw_query = request.raw_path.partition("?")
-        params: dict[str, str] = {}
-        try:
-            for k, v in parse_qsl(raw_query, keep_blank_values=True, strict_parsing=False):
-                params[k] = v
-            if body:
-                for k, v in parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False):
-                    params[k] = v
-        except (UnicodeDecodeError, ValueError):
-            return error(400, "MalformedQueryString", "the request body is not a form-encoded query", rid)
-        action = params.get("Action", "")
-        try:
-            parsed = parse_request(request.method, raw_path, raw_query, request.headers, datetime.now(UTC))
-            if parsed.service != "iam":
-                raise AuthError(
-                    "signature_mismatch",
-                    "Credential should be scoped to correct service: 'iam'.",
-                    presigned=parsed.presigned,
-                )
-            info = await authenticate(keys, parsed, hashlib.sha256(body).hexdigest())
-        except AuthError as exc:
-            status, code, message = query_error(exc)
-            if exc.kind == "signature_mismatch" and "scoped" in exc.message:
-                message = exc.message
-            log.info("iam request refused", extra={"action": action, "reason": exc.kind, "node": node.name})
-            return error(status, code, message, rid)
-        except ServiceUnavailable as exc:
-            return error(503, "ServiceUnavailable", f"the identity service is unavailable: {exc}", rid)
-        except RequestError as exc:
-            return error(500, "InternalFailure", exc.message, rid)
-        if not action:
-            return error(400, "MissingAction", "the request has no Action", rid)
-        version = params.get("Version")
-        if version != API_VERSION:
-            return error(
-                400, "InvalidAction", f"Could not find operation {action} for version {version}", rid
-            )
-        if action not in ACTIONS:
-            return error(
-                400, "InvalidAction", f"Could not find operation {action} for version {version}", rid
-            )
-        call_params = {
-            k: v for k, v in params.items() if k not in ("Action", "Version") and not k.startswith("X-Amz-")
-        }
-        try:
-            result = await node.call(
-                "clc",
-                None,
-                "iam.action",
-                {
-                    "action": action,
-                    "params": call_params,
-                    "caller": {"account": info.account, "user": info.user},
-                    "request_id": rid,
-                },
-                timeout=timeout,
-            )
-        except RequestError as exc:
-            status = STATUS.get(exc.kind, 500)
-            return error(status, exc.kind, exc.message, rid)
-        except ServiceUnavailable as exc:
-            log.warning(
-                "iam request not served", extra={"action": action, "reason": str(exc), "node": node.name}
-            )
-            return error(503, "ServiceUnavailable", f"no ENABLED clc answered in time: {exc}", rid)
-        return _xml(200, render_result(action, result, rid))
-
-    app = web.Application(client_max_size=MAX_BODY)
-    app.router.add_route("*", "/", handle)
-    return app
+    return make_query_app(node, QUERY_API, timeout=timeout)
 
 
 __all__ = [

@@ -183,7 +183,7 @@ class Walrus(Component):
     def sync_blocked(self) -> bool:
         return bool(self.blobs.missing)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         unregister_blobstore(self._url)
         self.blobs.close()
 

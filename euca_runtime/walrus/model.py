@@ -141,7 +141,7 @@ def unregister_blobstore(url: Any) -> None:
 def _blobstore(ctx: ApplyContext) -> BlobStore | None:
     bind = ctx.session.get_bind()
     with _BS_LOCK:
-        return _BLOBSTORES.get(_url_key(bind.url))
+        return _BLOBSTORES.get(_url_key(bind.engine.url))
 
 
 def refused(code: str, message: str) -> StoreError:
@@ -277,7 +277,7 @@ def _object_put(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]
         _incref(ctx, blob_id)
     row = ctx.session.get(Object, (bucket, key))
     undo = _object_undo(row, bucket, key)
-    values = {f: op.get(f) for f in _OBJ_FIELDS}
+    values: dict[str, Any] = {f: op.get(f) for f in _OBJ_FIELDS}
     values["size"] = int(values["size"])
     values["last_modified"] = float(values["last_modified"])
     values["meta"] = values["meta"] or "{}"
@@ -319,7 +319,7 @@ def _upload_put(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]
         raise refused("NoSuchBucket", f"bucket {bucket} does not exist")
     if ctx.session.get(Upload, upload_id) is not None:
         raise StoreError(f"upload {upload_id} exists")
-    values = {f: op.get(f) for f in _UPLOAD_FIELDS}
+    values: dict[str, Any] = {f: op.get(f) for f in _UPLOAD_FIELDS}
     values["initiated"] = float(values["initiated"])
     values["meta"] = values["meta"] or "{}"
     values["headers"] = values["headers"] or "{}"
@@ -364,7 +364,7 @@ def _part_put(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]]:
     blob_id = _str(op, "blob_id")
     _incref(ctx, blob_id)
     row = ctx.session.get(Part, (upload_id, number))
-    values = {f: op.get(f) for f in _PART_FIELDS}
+    values: dict[str, Any] = {f: op.get(f) for f in _PART_FIELDS}
     values["size"] = int(values["size"])
     values["last_modified"] = float(values["last_modified"])
     if row is None:

@@ -68,15 +68,21 @@ def test_add_a_backup_by_inventory_edit_then_remove_it(cloud: Cloud) -> None:
         assert cloud.ssh("h2", "grep -x 'join: true' /etc/eucalyptus/runtime.yml").returncode == 0
         assert {h: cloud.main_pid(h) for h in ("h1", "h3")} == pids, "an existing runtime was restarted"
 
+        seen: dict[str, object] = {}
+
         def in_sync() -> bool:
             groups = cloud.groups("h1")
+            seen.update(last=groups)
             return all(
                 groups.get(g, {}).get("healthy")
                 and {i["node"] for i in groups[g]["instances"]} == {"h1", "h2"}
                 for g in ("clc", "kv")
             )
 
-        wait_until(in_sync, 180, "h2's clc and kv DISABLED and in sync", every=1)
+        try:
+            wait_until(in_sync, 180, "h2's clc and kv DISABLED and in sync", every=1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; h1's describe-groups last said {seen.get('last')}") from None
         target = [["h1", "h2", "h3"]]
         wait_until(
             lambda: (v := voters_of(cloud, "h1")) is not None and all(s == target for s in v.values()),

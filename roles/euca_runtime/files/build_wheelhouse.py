@@ -12,6 +12,8 @@ WHEELHOUSE_DIR/.fingerprint nothing happens and "unchanged" is printed; otherwis
 `pip wheel` of the project, with its pinned runtime dependencies (constraints.txt), goes
 into a fresh directory that then replaces WHEELHOUSE_DIR, and "rebuilt" is printed.
 With EUCA_WHEELHOUSE_CHECK set in the environment it only prints "stale" instead.
+The wheelhouse also holds WHEELHOUSE_DIR/wheelhouse.tar, the same wheels and .fingerprint as
+one file, which the role copies to a host in one transfer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -61,6 +64,23 @@ def export_head(project: Path, dest: Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
 
 
+ARCHIVE = "wheelhouse.tar"
+"""The wheelhouse as one file (the wheels and .fingerprint): hosts get it in one transfer."""
+
+
+def write_archive(wheelhouse: Path) -> None:
+    members = [*sorted(p.name for p in wheelhouse.iterdir() if p.suffix == ".whl"), ".fingerprint"]
+    tmp = wheelhouse / f".{ARCHIVE}.tmp"
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in members:
+            info = tar.gettarinfo(wheelhouse / name, arcname=name)
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            with (wheelhouse / name).open("rb") as f:
+                tar.addfile(info, f)
+    tmp.rename(wheelhouse / ARCHIVE)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 4 or argv[1] not in ("head", "worktree"):
         print(__doc__, file=sys.stderr)
@@ -70,6 +90,8 @@ def main(argv: list[str]) -> int:
     digest = head_fingerprint(project) if mode == "head" else fingerprint(project)
     stamp = wheelhouse / ".fingerprint"
     if stamp.is_file() and stamp.read_text().strip() == digest:
+        if not (wheelhouse / ARCHIVE).is_file() and not os.environ.get("EUCA_WHEELHOUSE_CHECK"):
+            write_archive(wheelhouse)  # a wheelhouse built before the archive existed
         print("unchanged")
         return 0
     if os.environ.get("EUCA_WHEELHOUSE_CHECK"):  # ansible-playbook --check: say, do not build
@@ -94,6 +116,7 @@ def main(argv: list[str]) -> int:
                 cmd += ["--constraint", str(constraints)]
             subprocess.run([*cmd, *pip_args, src], check=True, stdout=sys.stderr)
         (fresh / ".fingerprint").write_text(digest + "\n")
+        write_archive(fresh)
         if wheelhouse.exists():
             shutil.rmtree(wheelhouse)
         fresh.rename(wheelhouse)

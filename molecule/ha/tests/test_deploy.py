@@ -1,0 +1,169 @@
+"""The HA cloud of `make demo` after site.yml converged on h1, h2 (clc, walrus, cc, sc) and h3
+(arbitrator, nc): testinfra on each host, then boto3 against the deployed endpoints.
+test_failover.py runs after this file (pytest collects files in name order)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import services
+
+from testbed import demo
+
+VENV = "/opt/euca-ha/venv"
+CONFIG = "/etc/eucalyptus/runtime.yml"
+PKI = "/etc/eucalyptus/pki"
+DATA = "/var/lib/eucalyptus"
+BUS, ADMIN, IAM, EC2, S3 = 7100, 7180, 8773, 8774, 8775
+# What each host runs, from inventories/demo/topology.yml (the first host of a group is primary).
+COMPONENTS = {
+    "h1": {("clc", None, "primary"), ("kv", None, "primary"), ("walrus", None, "primary")}
+    | {("cc", "cluster01", "primary"), ("sc", "cluster01", "primary")},
+    "h2": {("clc", None, "backup"), ("kv", None, "backup"), ("walrus", None, "backup")}
+    | {("cc", "cluster01", "backup"), ("sc", "cluster01", "backup")},
+    "h3": {("arbitrator", None, "primary"), ("nc", "cluster01", "primary")},
+}
+REPLICATED = {"clc", "kv", "walrus", "cc/cluster01", "sc/cluster01"}
+
+
+def me(host) -> str:
+    return str(host.ansible.get_variables()["inventory_hostname"])
+
+
+def address(host) -> str:
+    return str(host.ansible.get_variables()["ansible_host"])
+
+
+def subnet_address(host, last: int) -> str:
+    return address(host).rsplit(".", 1)[0] + f".{last}"
+
+
+def load_config(host) -> dict:
+    """The config as the runtime itself reads it, loaded as the service user."""
+    script = (
+        "import json, sys; from euca_runtime.config import load_config, config_to_dict; "
+        "print(json.dumps(config_to_dict(load_config(sys.argv[1]))))"
+    )
+    out = host.run(f"runuser -u eucalyptus -- {VENV}/bin/python -c '{script}' {CONFIG}")
+    assert out.rc == 0, out.stderr
+    return dict(json.loads(out.stdout))
+
+
+def test_runtime_active_and_enabled(host):
+    svc = host.service("euca-runtime")
+    assert svc.is_enabled
+    assert svc.is_running
+
+
+def test_ports_listen_only_where_expected(host):
+    """Every TCP listener off loopback is one this host should have; the admin API is on
+    loopback only. APIs with a VIP listen on every address (the VIP comes and goes)."""
+    ip = address(host)
+    expected = {"0.0.0.0:22", "[::]:22", f"{ip}:{BUS}"}
+    if me(host) in ("h1", "h2"):
+        expected |= {f"0.0.0.0:{IAM}", f"{ip}:{EC2}", f"0.0.0.0:{S3}"}
+    listeners = set(host.run("ss -Htln | awk '{print $4}'").stdout.split())
+    off_loopback = {s for s in listeners if not s.startswith(("127.", "[::1]"))}
+    assert off_loopback == expected
+    assert f"127.0.0.1:{ADMIN}" in listeners
+
+
+@pytest.mark.parametrize(
+    ("path", "owner", "group", "mode"),
+    [
+        (PKI, "root", "eucalyptus", 0o750),
+        (f"{PKI}/node.key", "root", "eucalyptus", 0o640),
+        (f"{PKI}/node.crt", "root", "root", 0o644),
+        (f"{PKI}/ca.crt", "root", "root", 0o644),
+        (CONFIG, "root", "eucalyptus", 0o640),
+        (DATA, "eucalyptus", "eucalyptus", 0o700),
+        (f"{DATA}/admin.token", "eucalyptus", "eucalyptus", 0o600),
+    ],
+)
+def test_file_modes(host, path, owner, group, mode):
+    f = host.file(path)
+    assert f.exists
+    assert (f.user, f.group, f.mode) == (owner, group, mode)
+
+
+def test_credential_key_only_on_clc_and_walrus_hosts(host):
+    f = host.file(f"{PKI}/credentials.key")
+    if me(host) == "h3":
+        assert not f.exists
+        return
+    assert (f.user, f.group, f.mode) == ("eucalyptus", "eucalyptus", 0o600)
+    # Every clc/walrus host has the same key (the cloud's credentials decrypt anywhere).
+    assert f.size > 0
+    # No CA key ever reaches a host: the private keys under /etc/eucalyptus are these two.
+    keys = host.run("grep -rl 'PRIVATE KEY' /etc/eucalyptus").stdout.split()
+    assert keys == [f"{PKI}/node.key"]
+
+
+def test_config_follows_the_topology(host):
+    cfg = load_config(host)
+    name, ip = me(host), address(host)
+    assert cfg["node"] == name
+    assert cfg["voters"] == ["h1", "h2", "h3"]
+    assert cfg["listen"] == f"{ip}:{BUS}"
+    assert cfg["admin"] == f"127.0.0.1:{ADMIN}"
+    got = {(c["type"], c.get("partition"), c["role"]) for c in cfg["components"]}
+    assert got == COMPONENTS[name]
+    if name == "h3":
+        assert [r["name"] for r in cfg["routes"]] == ["users"]
+        assert cfg["routes"][0]["targets"] == [{"icmp": subnet_address(host, 254)}]
+        assert not cfg.get("vips")
+    else:
+        vips = {v["group"]: v["address"] for v in cfg["vips"]}
+        assert vips == {"walrus": f"{subnet_address(host, 100)}/24", "clc": f"{subnet_address(host, 101)}/24"}
+
+
+def test_every_group_has_one_enabled_instance_and_in_sync_backups(host):
+    """Each host's runtime sees the same cloud: per replicated group one ENABLED instance on
+    h1 (the preferred primary), the one on h2 DISABLED and in sync; h1 holds both VIPs."""
+    deadline = time.monotonic() + 60
+    while True:
+        seen = services(host)
+        groups: dict[str, list[dict]] = {}
+        for s in seen:
+            groups.setdefault(s["group"], []).append(s)
+        settled = REPLICATED <= set(groups) and all(
+            sorted((s["node"], s["state"]) for s in groups[g]) == [("h1", "ENABLED"), ("h2", "DISABLED")]
+            and all(s["in_sync"] for s in groups[g])
+            for g in REPLICATED
+        )
+        if settled:
+            break
+        assert time.monotonic() < deadline, f"groups not settled as seen from {me(host)}: {seen}"
+        time.sleep(1)
+    holders = {s["group"]: s["vip_holder"] for s in seen if s["state"] == "ENABLED" and s["vip_holder"]}
+    assert holders == {"clc": "h1", "walrus": "h1"}
+    if me(host) == "h1":
+        addrs = host.run("ip -4 -o addr show").stdout
+        assert f" {subnet_address(host, 100)}/24 " in addrs
+        assert f" {subnet_address(host, 101)}/24 " in addrs
+
+
+def test_eucarc_points_at_the_vips_first(eucarc):
+    vip_iam, vip_s3 = eucarc["EUARE_URL"], eucarc["S3_URL"]
+    assert vip_iam.endswith(f".101:{IAM}") and vip_s3.endswith(f".100:{S3}")
+    assert len(eucarc["EUARE_URLS"].split()) == 3 and len(eucarc["S3_URLS"].split()) == 3
+    assert len(eucarc["EC2_URLS"].split()) == 2
+
+
+def test_iam_user_and_access_key_through_every_iam_url(eucarc):
+    for i, url in enumerate(eucarc["EUARE_URLS"].split()):
+        assert demo.iam_user_with_key(eucarc, url, f"molha-deploy-{i}").startswith("AKIA")
+
+
+def test_s3_round_trip_through_every_s3_url(eucarc):
+    urls = eucarc["S3_URLS"].split()
+    for i, url in enumerate(urls):
+        demo.s3_round_trip(eucarc, url, urls, f"molha-deploy-{i}", f"object {i} put through {url}\n".encode())
+
+
+def test_ec2_describe_availability_zones_through_every_ec2_url(eucarc):
+    zones = [demo.ec2_zones(eucarc, url) for url in eucarc["EC2_URLS"].split()]
+    assert zones[0] == {"cluster01": "available"}
+    assert all(z == zones[0] for z in zones)
