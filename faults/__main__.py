@@ -41,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("paramiko", "botocore", "invoke", "fabric"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     seed = int(time.time()) % 1_000_000 if args.seed is None else args.seed
     if args.quick or args.faults:
         kinds = QUICK if args.quick else [k for k in args.faults.split(",") if k]

@@ -312,22 +312,16 @@ def dual_writer_checker(
         if len(names) > 1
     ]
     stale: list[dict[str, Any]] = []
-    newest: dict[str, tuple[float, int, str]] = {}  # group -> (t1 of the sample, epoch, name)
+    first_seen: dict[str, dict[int, tuple[float, str]]] = defaultdict(dict)  # group -> epoch -> (t1, name)
     for t0, t1, group, name, epoch in sorted(enabled):
-        best = newest.get(group)
-        if best is not None and best[0] < t0 and epoch < best[1]:
+        proof = [(e, t, n) for e, (t, n) in first_seen[group].items() if e > epoch and t < t0]
+        if proof:
+            e, _t, n = max(proof)
             stale.append(
-                {
-                    "group": group,
-                    "instance": name,
-                    "epoch": epoch,
-                    "at": t0,
-                    "newer": best[2],
-                    "newer_epoch": best[1],
-                }
+                {"group": group, "instance": name, "epoch": epoch, "at": t0, "newer": n, "newer_epoch": e}
             )
-        if best is None or epoch > best[1] or (epoch == best[1] and t1 > best[0]):
-            newest[group] = (t1, epoch, name)
+        if epoch not in first_seen[group] or t1 < first_seen[group][epoch][0]:
+            first_seen[group][epoch] = (t1, name)
     doubles = [
         {"node": s["node"], "at": s["t0"], "group": g["group"], "enabled": g["enabled"]}
         for s in group_samples

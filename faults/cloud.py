@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DEMO_TOPOLOGY = ROOT / "inventories" / "demo" / "topology.yml"
 HOSTS = ["h1", "h2", "h3"]
+EC2_PORT = 8774
 GROUPS = ["clc", "walrus", "kv", "cc/cluster01", "sc/cluster01"]  # replicated: must end redundant
 
 
@@ -82,7 +83,13 @@ def deploy(bed: str, workdir: Path, timeout: float = 300) -> Cloud:
         raise TestbedError(f"the deployed cloud did not become redundant in {timeout:.0f} s: {bad}")
     eucarc = workdir / "eucarc"
     playbook(bed, topo, "playbooks/runbooks/eucarc.yml", "-e", f"euca_eucarc={eucarc}")
-    return Cloud(bed, workdir, Endpoints.from_eucarc(eucarc), hosts, time.monotonic() - t0, list(HOSTS))
+    endpoints = Endpoints.from_eucarc(eucarc, ec2=ec2_urls(bed))
+    return Cloud(bed, workdir, endpoints, hosts, time.monotonic() - t0, list(HOSTS))
+
+
+def ec2_urls(bed: str) -> list[str]:
+    """EC2 is served on every clc host's own address (h1, h2)."""
+    return [f"http://{h.address}:{EC2_PORT}" for h in tb.load(bed).hosts if h.name in ("h1", "h2")]
 
 
 def remove(bed: str, workdir: Path | None = None) -> None:

@@ -58,20 +58,25 @@ class Fault:
 
     # ------------------------------------------------------------------ primary
 
-    def _primary(self, ctx: Ctx) -> tuple[str, int]:
-        """(host of the group's ENABLED instance, its epoch); h1 if nobody answers."""
+    def _primary(self, ctx: Ctx) -> tuple[str, int | None]:
+        """(host of the group's ENABLED instance, its epoch); (h1, None) when no host names one
+        (the group has no primary right now: the fault still hits h1)."""
         for g in any_groups(ctx.hosts, ctx.names) or []:
             if g.get("group") == self.group and len(g.get("enabled") or []) == 1:
                 name = g["enabled"][0]
                 node = next((str(i["node"]) for i in g["instances"] if i["name"] == name), None)
                 if node:
                     return node, int(g.get("epoch") or 0)
-        return DATA_HOSTS[0], 0
+        return DATA_HOSTS[0], None
 
     def start(self, ctx: Ctx) -> None:
         primary, epoch = self._primary(ctx)
         other = next(h for h in DATA_HOSTS if h != primary)
-        self.found = {"primary": primary, "epoch_before": epoch, "backup": other}
+        self.found = {"primary": primary, "backup": other}
+        if epoch is not None:
+            self.found["epoch_before"] = epoch
+        else:
+            self.found["primary_unknown"] = True
         match self.kind:
             case "kill9" | "sigstop":
                 pid = ctx.hosts.runtime_pid(primary)

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -203,12 +204,13 @@ def _retry(fn: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 def final_s3(endpoints: Endpoints, bucket: str, timeout: float = 120) -> dict[str, dict[str, str]]:
-    """{S3 URL: {key: sha256}}: every object of `bucket`, read through every S3 URL."""
-    out: dict[str, dict[str, str]] = {}
-    for url in endpoints.s3:
+    """{S3 URL: {key: sha256}}: every object of `bucket`, read through every S3 URL (one thread
+    per URL)."""
+
+    def read_all(url: str) -> dict[str, str]:
         s3 = endpoints.client("s3", url, read_timeout=30)
 
-        def listing(s3: Any = s3) -> list[str]:
+        def listing() -> list[str]:
             keys: list[str] = []
             for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
                 keys += [o["Key"] for o in page.get("Contents", [])]
@@ -217,12 +219,15 @@ def final_s3(endpoints: Endpoints, bucket: str, timeout: float = 120) -> dict[st
         objects: dict[str, str] = {}
         for key in _retry(listing, timeout, f"list s3://{bucket} through {url}"):
 
-            def get(s3: Any = s3, key: str = key) -> bytes:
+            def get(key: str = key) -> bytes:
                 return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
 
             objects[key] = sha(_retry(get, timeout, f"get {key} through {url}"))
-        out[url] = objects
-    return out
+        return objects
+
+    with ThreadPoolExecutor(max_workers=len(endpoints.s3)) as pool:
+        futures = {url: pool.submit(read_all, url) for url in endpoints.s3}
+        return {url: f.result() for url, f in futures.items()}
 
 
 def final_iam(endpoints: Endpoints, prefix: str, timeout: float = 120) -> dict[str, list[str]]:
@@ -244,16 +249,24 @@ def final_iam(endpoints: Endpoints, prefix: str, timeout: float = 120) -> dict[s
 
 
 def final_ec2(endpoints: Endpoints, timeout: float = 120) -> dict[str, str]:
-    """{instance id: state name} from DescribeInstances (through the first EC2 URL that answers)."""
-    ec2 = endpoints.client("ec2", endpoints.ec2[0], read_timeout=30)
+    """{instance id: state name} from DescribeInstances, through every EC2 URL in turn until one
+    answers (the CLC serves EC2: every URL forwards to the same ENABLED instance)."""
+    clients = [endpoints.client("ec2", url, read_timeout=30) for url in endpoints.ec2]
 
     def describe() -> dict[str, str]:
-        found: dict[str, str] = {}
-        for page in ec2.get_paginator("describe_instances").paginate():
-            for res in page.get("Reservations", []):
-                for i in res.get("Instances", []):
-                    found[str(i["InstanceId"])] = str(i.get("State", {}).get("Name"))
-        return found
+        errors: list[str] = []
+        for ec2 in clients:
+            found: dict[str, str] = {}
+            try:
+                for page in ec2.get_paginator("describe_instances").paginate():
+                    for res in page.get("Reservations", []):
+                        for i in res.get("Instances", []):
+                            found[str(i["InstanceId"])] = str(i.get("State", {}).get("Name"))
+            except (ClientError, BotoCoreError, OSError) as exc:
+                errors.append(str(exc))
+                continue
+            return found
+        raise OSError("; ".join(errors))
 
     return dict(_retry(describe, timeout, "describe instances"))
 

@@ -9,6 +9,7 @@ endpoint and every instance store, the checkers, and a result file.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import random
 import secrets
@@ -49,7 +50,7 @@ class Plan:
     steps: list[list[Fault]]
     mix: Mix = field(default_factory=Mix)
     settle: float = 3.0  # workload alone before the first fault, and after the last recovery
-    recovery_timeout: float = 120.0
+    recovery_timeout: float = 300.0  # generous: a loaded machine re-syncs slowly
 
 
 def _steps_doc(steps: list[list[Fault]]) -> list[list[dict[str, Any]]]:
@@ -82,6 +83,11 @@ def run_schedule(cloud: Cloud, plan: Plan, out: Path, label: str) -> dict[str, A
             info["unhealthy_after"] = bad
             steps.append(info)
             log.info("step done", extra={"faults": info["started"], "recovery_s": info["recovery_s"]})
+            if at is None:
+                # A cloud that did not recover fails the run already; more faults would only
+                # pile up on it. The rest of the schedule is skipped (and says so).
+                log.warning("step did not recover; the rest is skipped", extra={"unhealthy": bad})
+                break
     finally:
         t_heal = history.now()
         healed = heal_all(ctx)
@@ -96,6 +102,9 @@ def run_schedule(cloud: Cloud, plan: Plan, out: Path, label: str) -> dict[str, A
         for s in samplers:
             s.join(timeout=60)
     ops = history.snapshot()
+    with open(out / f"{label}.samples.jsonl", "w", encoding="utf-8") as f:
+        for sample in sorted((x for s in samplers for x in [*s.services, *s.groups]), key=lambda x: x["t0"]):
+            f.write(json.dumps(sample, sort_keys=True) + "\n")
     result = _check(cloud, ops, samplers, steps, tag, ec2_before)
     result.update(
         {
@@ -107,14 +116,17 @@ def run_schedule(cloud: Cloud, plan: Plan, out: Path, label: str) -> dict[str, A
             "duration_s": round(history.now(), 1),
             "schedule": _steps_doc(plan.steps),
             "steps": steps,
+            "steps_skipped": len(plan.steps) - len(steps),
             "op_counts": counts(ops),
             "final_heal": {"did": healed, "at": t_heal},
             "final_recovery_s": None if final_at is None else round(final_at - t_heal, 3),
             "final_unhealthy": final_bad,
             "client_crashes": {c.process: c.crashed for c in clients if c.crashed},
             "history": str(out / f"{label}.history.jsonl"),
+            "samples_file": str(out / f"{label}.samples.jsonl"),
         }
     )
+    result["cleanup"] = _terminate_leftovers(cloud, ops)
     recovered_everywhere = final_at is not None and all(s["recovery_s"] is not None for s in steps)
     result["recovered"] = recovered_everywhere
     result["valid"] = bool(result["checks_valid"] and recovered_everywhere and not result["client_crashes"])
@@ -174,6 +186,22 @@ def _check(
         "anomalies": sorted(anomalies) + sorted(errors),
         "samples": {"services": len(services), "groups": len(groups)},
     }
+
+
+def _terminate_leftovers(cloud: Cloud, ops: list[Any]) -> dict[str, Any]:
+    """After the checks: terminate the run's instances (the NC's capacity is small; the next run
+    on the same cloud needs it). Not part of the history."""
+    ids = sorted({str(o.value) for o in ops if o.f == chk.EC2_RUN and o.result == "ok" and o.value})
+    errors: list[str] = []
+    for url in cloud.endpoints.ec2:
+        if not ids:
+            break
+        try:
+            cloud.endpoints.client("ec2", url, read_timeout=30).terminate_instances(InstanceIds=ids)
+            return {"terminated": ids}
+        except (ClientError, BotoCoreError, OSError) as exc:
+            errors.append(f"{url}: {exc}")
+    return {"terminated": [], "errors": errors}
 
 
 def run(plan: Plan, bed: str = "flt", out: Path = RESULTS) -> dict[str, Any]:

@@ -57,15 +57,18 @@ class Endpoints:
     region: str
 
     @classmethod
-    def from_eucarc(cls, path: Path, ec2_port: int = 8774) -> Endpoints:
+    def from_eucarc(cls, path: Path, ec2: list[str] | None = None) -> Endpoints:
+        """`ec2`: the EC2 URLs (a deployed cloud's eucarc names none; EC2 is served on every clc
+        host's own address, not on the IAM VIP). Default: the eucarc's EC2_URLS, or else the
+        IAM URLs with port 8774."""
         env: dict[str, str] = {}
         for line in path.read_text().splitlines():
             m = re.fullmatch(r'export ([A-Z0-9_]+)="?([^"$]*)"?', line.strip())
             if m:
                 env[m.group(1)] = m.group(2)
         iam = env["EUARE_URLS"].split()
-        # The eucarc names no EC2 URL for a deployed cloud: EC2 is served by every clc host.
-        ec2 = env.get("EC2_URLS", "").split() or [re.sub(r":\d+$", f":{ec2_port}", u) for u in iam]
+        if ec2 is None:
+            ec2 = env.get("EC2_URLS", "").split() or [re.sub(r":\d+$", ":8774", u) for u in iam]
         return cls(
             iam=iam,
             s3=env["S3_URLS"].split(),
@@ -285,6 +288,7 @@ class EC2Client(Client):
         except (ClientError, BotoCoreError, OSError) as exc:
             result, code, msg = classify(exc)
             self.history.record(self.process, EC2_RUN, None, None, t0, result, msg, code=code)
+            self.stop_event.wait(1.0)  # e.g. InsufficientInstanceCapacity: the NC is full for now
             return
         iid = str(out["Instances"][0]["InstanceId"])
         self.history.record(self.process, EC2_RUN, iid, iid, t0, OK)

@@ -236,6 +236,9 @@ def test_dual_writer_checker() -> None:
     stale = [*ok, sample(7, "h1", ("h1.clc", "ENABLED", 1))]
     out = c.dual_writer_checker(stale)
     assert not out["valid"] and out["stale_enabled"][0]["instance"] == "h1.clc"
+    # A newer epoch seen first, then an even newer one: a later report at the oldest is still stale.
+    chain = [*ok, sample(8, "h1", ("h1.clc", "ENABLED", 3)), sample(9, "h2", ("h2.clc", "ENABLED", 1))]
+    assert [a["epoch"] for a in c.dual_writer_checker(chain)["stale_enabled"]] == [1]
     doubles = [{"t0": 1, "t1": 2, "node": "h3", "groups": [{"group": "walrus", "enabled": ["a", "b"]}]}]
     assert not c.dual_writer_checker(ok, doubles)["valid"]
 
