@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -62,6 +63,25 @@ def preflight() -> None:
     for tool, package in REQUIRED_TOOLS.items():
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             raise TestbedError(f"{tool} not found: run `make deps` (or apt-get install {package})")
+    _raise_inotify_limit()
+
+
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+MIN_INOTIFY_INSTANCES = 1024
+"""Every host's systemd, journald and udev take inotify instances from root's one limit (the
+hosts run as root in the machine's user namespace); Debian's default of 128 is gone after a
+few hosts, and the next one hangs at boot with "Too many open files"."""
+
+
+def _raise_inotify_limit() -> None:
+    try:
+        current = int(INOTIFY_INSTANCES.read_text())
+    except (OSError, ValueError):
+        return  # not Linux procfs as we know it: nothing to adjust
+    if current < MIN_INOTIFY_INSTANCES:
+        INOTIFY_INSTANCES.write_text(f"{MIN_INOTIFY_INSTANCES}\n")
+        limit = "fs.inotify.max_user_instances"
+        print(f"testbed: raised {limit} from {current} to {MIN_INOTIFY_INSTANCES}", file=sys.stderr)
 
 
 def alive(pid: int | None) -> bool:
