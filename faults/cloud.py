@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,11 @@ class Cloud:
     names: list[str]
 
 
-def topology(bed: str, workdir: Path) -> dict[str, Any]:
+def topology(bed: str, workdir: Path, extra_vars: Mapping[str, Any] | None = None) -> dict[str, Any]:
     doc = yaml.safe_load(DEMO_TOPOLOGY.read_text())
     doc["all"]["vars"]["euca_cloud_name"] = bed
     doc["all"]["vars"]["euca_pki_controller_dir"] = str(workdir / "pki")
+    doc["all"]["vars"].update(extra_vars or {})
     return dict(doc)
 
 
@@ -68,14 +70,17 @@ def playbook(bed: str, topo: Path, path: str, *extra: str, timeout: float = 1800
     return proc.stdout
 
 
-def deploy(bed: str, workdir: Path, timeout: float = 300) -> Cloud:
-    """Boot the bed, deploy, wait until every group is redundant, write the eucarc. The caller
-    removes the bed (`remove`) whatever happens."""
+def deploy(
+    bed: str, workdir: Path, timeout: float = 300, extra_vars: Mapping[str, Any] | None = None
+) -> Cloud:
+    """Boot the bed, deploy (the demo's topology, plus `extra_vars` for every host), wait until
+    every group is redundant, write the eucarc. The caller removes the bed (`remove`) whatever
+    happens."""
     t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     tb.up(bed, len(HOSTS), timeout=600)  # a loaded machine boots slowly
     topo = workdir / "topology.yml"
-    topo.write_text(yaml.safe_dump(topology(bed, workdir)))
+    topo.write_text(yaml.safe_dump(topology(bed, workdir, extra_vars)))
     playbook(bed, topo, "playbooks/site.yml")
     hosts = Hosts(bed)
     at, bad = wait_recovered(hosts, HOSTS, History(), GROUPS, timeout)

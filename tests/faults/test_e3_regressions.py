@@ -348,8 +348,7 @@ def test_euca_6462_a_non_ha_cloud_becomes_ha(single_cloud: rh.Cloud) -> None:
 
 # --------------------------------------------------------------------------- testbed hosts
 
-BED = "e3"
-HOSTS = ("h1", "h2")  # clc + walrus on both; h3 is the arbitrator
+HOSTS = ("h1", "h2")  # clc, walrus, kv, cc, sc on both; h3 is the arbitrator and NC
 S3_PORT = 8775
 CAPTURE = r"""
 import json, socket, struct, sys, time
@@ -419,23 +418,15 @@ ADMIN_KEYS = (
 
 
 @pytest.fixture(scope="module")
-def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    """One bed for every host-level test: h1, h2 (clc, walrus, kv), h3 (arbitrator), S3 VIP."""
-    workdir = tmp_path_factory.mktemp("e3bed")
-    tb.down(BED)  # a bed left by an interrupted run
-    try:
-        tb.up(BED, 3)
-        cloud = dh.Cloud(BED, workdir)
-        vip = cloud.subnet_address(100)
-        groups = {"clc": list(HOSTS), "walrus": list(HOSTS), "arbitrator": ["h3"]}
-        cloud.write_topology(dh.topology(BED, workdir, groups, euca_vips={"s3": f"{vip}/24"}))
-        cloud.site()
-        whole(cloud)
-        out = cloud.ssh("h1", f"/opt/euca-ha/venv/bin/python -c {json.dumps(ADMIN_KEYS)}")
-        assert out.returncode == 0, out.stderr
-        yield Bed(cloud, vip, json.loads(out.stdout))
-    finally:
-        tb.down(BED)
+def bed(demo_cloud: Any) -> Bed:
+    """The session's deployed cloud (tests/faults/conftest.py: the demo topology, h1 and h2
+    clc, walrus, kv, cc, sc; h3 arbitrator and NC; the S3 VIP at .100) seen through the deploy
+    harness."""
+    cloud = dh.Cloud(demo_cloud.bed, demo_cloud.workdir)
+    whole(cloud)
+    out = cloud.ssh("h1", f"/opt/euca-ha/venv/bin/python -c {json.dumps(ADMIN_KEYS)}")
+    assert out.returncode == 0, out.stderr
+    return Bed(cloud, cloud.subnet_address(100), json.loads(out.stdout))
 
 
 def other(host: str) -> str:

@@ -10,13 +10,10 @@ The long randomized set is `make faults` (`python -m faults`), see docs/reliabil
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from faults import cloud as cloud_mod
 from faults.cloud import Cloud
 from faults.nemesis import named_schedule
 from faults.runner import Plan, run_schedule
@@ -24,18 +21,11 @@ from faults.workloads import Mix
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-BED = os.environ.get("FAULTS_BED", "flt")
 
-
-@pytest.fixture(scope="module")
-def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
-    workdir = tmp_path_factory.mktemp("faults-cloud")
-    try:
-        c = cloud_mod.deploy(BED, workdir)
-        yield c
-        c.hosts.close()
-    finally:
-        cloud_mod.remove(BED, workdir)
+@pytest.fixture
+def cloud(demo_cloud: Cloud) -> Cloud:
+    """The session's deployed cloud (tests/faults/conftest.py)."""
+    return demo_cloud
 
 
 def summary(result: dict) -> str:
