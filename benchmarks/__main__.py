@@ -36,6 +36,7 @@ BENCHMARKS = {
     "s3_iam": "benchmarks.s3_iam",
     "failover_timeline": "benchmarks.failover_timeline",
     "site_yml": "benchmarks.site_yml",
+    "machine_kill": "benchmarks.machine_kill",
 }
 
 

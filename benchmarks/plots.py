@@ -1,6 +1,6 @@
 """PNG figures of docs/performance.md, drawn from benchmark results with matplotlib (Agg backend,
-no display needed). Each function takes one benchmark's result entry and a path, writes the PNG
-and returns a one-line caption; every figure says the machine's load average when its benchmark
+no display needed). Each function takes the results (every benchmark's entry) and a path, writes
+the PNG and returns a one-line caption; every figure says the machine's load average when its benchmark
 ran, because on a shared machine that decides how far the figures can be trusted.
 
 - ``failover_timeline``: writes/s, errors and latency percentiles per 100 ms around a `kill -9`,
@@ -54,7 +54,8 @@ def _nan(values: list[float | None]) -> list[float]:
     return [math.nan if v is None else float(v) for v in values]
 
 
-def failover_timeline(result: dict[str, Any], path: Path) -> str:
+def failover_timeline(results: dict[str, Any], path: Path) -> str:
+    result = results["failover_timeline"]
     run = result["runs"][result["median_trial"]]
     b = run["buckets"]
     t = [x + result["bucket_seconds"] / 2 for x in b["t"]]  # plot at the bucket's middle
@@ -116,19 +117,22 @@ FAULTS = {
 }
 
 
-def failover_distribution(result: dict[str, Any], path: Path) -> str:
-    cases = [(k, label) for k, label in FAULTS.items() if result.get(k, {}).get("kv_samples")]
-    if not cases:
+def failover_distribution(results: dict[str, Any], path: Path) -> str:
+    result = results["failover"]
+    # machine kill: its own benchmark (a cloud on testbed hosts), drawn beside the local cases
+    by_case = {**result, **{k: v for k, v in results.get("machine_kill", {}).items() if k == "machine_kill"}}
+    cases = [(k, label) for k, label in FAULTS.items() if by_case.get(k, {}).get("kv_samples")]
+    if not any(k in result for k, _ in cases):
         raise ValueError(
             "the failover result has no per-trial samples (kv_samples): rerun `make bench BENCH=failover`"
         )
-    data = [result[k]["kv_samples"] for k, _ in cases]
+    data = [by_case[k]["kv_samples"] for k, _ in cases]
     fig, ax = plt.subplots(figsize=(9, 5))
     ax.boxplot(data, whis=(0, 100), widths=0.5, medianprops={"color": "black"})
     rng = random.Random(0)  # fixed jitter: the same result gives the same picture
     for i, values in enumerate(data, start=1):
         ax.scatter([i + rng.uniform(-0.12, 0.12) for _ in values], values, s=14, alpha=0.7, zorder=3)
-        s = result[cases[i - 1][0]]["kv_seconds"]
+        s = by_case[cases[i - 1][0]]["kv_seconds"]
         if s["p99"] == s["p50"]:
             ax.text(i + 0.28, s["p50"], f"p50 = p99 {s['p50']:.3f} s", fontsize=8, va="center")
             continue
@@ -148,19 +152,28 @@ def failover_distribution(result: dict[str, Any], path: Path) -> str:
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8, loc="upper left")
     ns = ", ".join(f"{len(v)}" for v in data)
-    ax.set_title(
-        f"Failover time per fault type (trials: {ns}; box: min-max and quartiles)\n{load_note(result)}",
-        fontsize=10,
-    )
+    title = f"Failover time per fault type (trials: {ns}; box: min-max and quartiles)\n"
+    if "machine_kill" in dict(cases):
+        title += f"local runtime: {load_note(result)}\nmachine kill (testbed run): {load_note(results['machine_kill'])}"
+    else:
+        title += load_note(result)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
+    note = f"Local runtime: {load_note(result)}."
+    if "machine_kill" in results and any(k == "machine_kill" for k, _ in cases):
+        note += (
+            f" Machine kill: a separate run on testbed hosts (benchmarks/machine_kill.py), "
+            f"{load_note(results['machine_kill'])}."
+        )
     return (
         "Failover time per fault type, every trial a point, whiskers at min and max, median and p99 "
-        f"written beside each box. {load_note(result).capitalize()}."
+        f"written beside each box. {note}"
     )
 
 
-def read_latency(result: dict[str, Any], path: Path) -> str:
+def read_latency(results: dict[str, Any], path: Path) -> str:
+    result = results["read_after_failover"]
     cases = (
         ("after_failover", "new primary after kill -9"),
         ("cold_start", "cold-started process (baseline)"),

@@ -291,6 +291,24 @@ def t_failover_timeline(r: dict[str, Any]) -> str:
     )
 
 
+def t_machine_kill(r: dict[str, Any]) -> str:
+    e = r["machine_kill"]
+    kv = e["kv_seconds"]
+    return "\n".join(
+        [
+            f"{r['trials']} trials on {r['hosts']} testbed hosts (deployed by site.yml in "
+            f"{r['deploy_seconds']} s).",
+            "",
+            "| failure | trials | kv p50 (min-max) | kv p99 | client errors |",
+            "|---|---|---|---|---|",
+            f"| machine kill of the kv primary's host | {kv.get('n', 0)} | {_s(kv, ' s')} | "
+            f"{_f(kv.get('p99', 'n/a'))} s | {e['client_errors']} |",
+            "",
+            f"Target: p50 < {r['targets']['machine_kill_p50_s']} s: **{_f(e['met'])}**.",
+        ]
+    )
+
+
 SITE_SETTINGS = {
     "default": "ansible.cfg as committed (pipelining, ControlPersist 120 s, forks 20)",
     "no_pipelining": "pipelining off",
@@ -335,6 +353,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "s3_iam": t_s3_iam,
     "failover_timeline": t_failover_timeline,
     "site_yml": t_site_yml,
+    "machine_kill": t_machine_kill,
 }
 
 
@@ -359,6 +378,9 @@ def anchors(results: dict[str, Any]) -> str:
     ):
         if fo.get(case, {}).get("kv_seconds", {}).get("n"):
             ours.append((label, fo[case]["kv_seconds"], fo))
+    mk = results.get("machine_kill", {})
+    if mk.get("machine_kill", {}).get("kv_seconds", {}).get("n"):
+        ours.append(("machine kill of the primary's testbed host", mk["machine_kill"]["kv_seconds"], mk))
     tl = results.get("failover_timeline", {})
     if tl.get("failover_seconds", {}).get("n"):
         ours.append(("`kill -9` under load (failover_timeline)", tl["failover_seconds"], tl))
@@ -441,7 +463,7 @@ def render(results: dict[str, Any], template: str, source: str, img_dir: Path | 
         if img_dir is None:
             return f"_Figure {figure}: not drawn._"
         try:
-            caption = draw(results[bench], img_dir / f"{figure}.png")
+            caption = draw(results, img_dir / f"{figure}.png")
         except (KeyError, ValueError) as exc:
             why = f"the {bench} result cannot be drawn ({exc})"
             return f"_Figure {figure}: {why}: rerun `make bench BENCH={bench}`._"

@@ -32,6 +32,7 @@ def test_the_template_renders_with_every_figure(results: dict[str, Any], tmp_pat
             assert img.size[0] > 500 and img.size[1] > 300
     assert "| failover (kill to first write under the new epoch), median (min-max) | 0.460 s" in page
     assert "| idempotent rerun (changed=0), pipelining off | 90.0 (90.0-90.0) | 1.50x |" in page
+    assert "| machine kill of the kv primary's host | 3 | 1.800 s (1.600-2.400) | 2.400 s | 0 |" in page
 
 
 def test_benchmarks_not_run_are_named_not_drawn(tmp_path: Path) -> None:
@@ -44,7 +45,7 @@ def test_benchmarks_not_run_are_named_not_drawn(tmp_path: Path) -> None:
 
 def test_every_result_shows_its_machine_load(results: dict[str, Any]) -> None:
     rows = {line.split("|")[1].strip(): line for line in report.runs(results).splitlines()[2:]}
-    assert set(rows) == {"failover", "failover_timeline", "read_after_failover", "site_yml"}
+    assert set(rows) == {"failover", "failover_timeline", "machine_kill", "read_after_failover", "site_yml"}
     timeline = rows["failover_timeline"]
     assert "[12.3, 9.1, 6.0]" in timeline and "**loaded: noisy**" in timeline
     assert "quiet" in rows["failover"]
@@ -65,12 +66,14 @@ def test_anchors_say_where_we_are_slower(results: dict[str, Any]) -> None:
     assert re.search(r"SIGSTOP.*median \(1\.515 s\) is slower than etcd \(Raft\) \(1 s\)", slower)
     assert "keepalived" not in slower
     assert "kill -9` of the primary process" not in slower  # 0.38 s beats every default
+    # machine kill: median 1.8 s above etcd's 1 s; p99 2.4 s not above keepalived's 3.5 s
+    assert re.search(r"machine kill.*median \(1\.800 s\) is slower than etcd", slower)
 
 
 def test_anchors_say_so_when_nothing_is_slower(results: dict[str, Any]) -> None:
     for case in ("sigstop",):
         del results["failover"][case]
-    del results["failover_timeline"]
+    del results["failover_timeline"], results["machine_kill"]
     assert "nowhere in this run" in report.anchors(results)
 
 
