@@ -154,7 +154,8 @@ def failover_distribution(results: dict[str, Any], path: Path) -> str:
     ns = ", ".join(f"{len(v)}" for v in data)
     title = f"Failover time per fault type (trials: {ns}; box: min-max and quartiles)\n"
     if "machine_kill" in dict(cases):
-        title += f"local runtime: {load_note(result)}\nmachine kill (testbed run): {load_note(results['machine_kill'])}"
+        testbed = load_note(results["machine_kill"])
+        title += f"local runtime: {load_note(result)}\nmachine kill (testbed run): {testbed}"
     else:
         title += load_note(result)
     ax.set_title(title, fontsize=10)
