@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 DPI = 110
+MARKED_GROUPS = ("kv", "clc")  # whose state changes the timeline marks (the clients write kv)
 STATE_COLOURS = {
     "ENABLED": "tab:green",
     "DISABLED": "tab:blue",
@@ -42,6 +43,10 @@ def load_note(result: dict[str, Any]) -> str:
         return "load average not recorded"
     avg = " / ".join(f"{x:.1f}" for x in load)
     return f"load average {avg} (1/5/15 min) on {m.get('cpus', '?')} CPUs at start"
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -73,20 +78,24 @@ def failover_timeline(results: dict[str, Any], path: Path) -> str:
     ax_lat.set_yscale("log")
     ax_lat.set_ylabel("latency (ms) of writes\ncompleting in the bucket")
     ax_lat.set_xlabel("seconds from kill -9 of the primary process (100 ms buckets)")
+    # The written group's (kv) and the clc's state changes; the first death certificate for kv.
+    mine = [ev for ev in run["events"] if str(ev.get("service", "")).split(".", 1)[-1] in MARKED_GROUPS]
+    changes = [ev for ev in mine if ev.get("old") != ev.get("new") and ev.get("new")]
+    certs = [ev for ev in mine if "death certificate" in str(ev.get("cause", ""))][:1]
     for ax in (ax_rate, ax_err, ax_lat):
         ax.axvline(0.0, color="black", linewidth=1.5)
         ax.axvline(run["failover_seconds"], color="tab:green", linewidth=1.2, linestyle="--")
-        for ev in run["events"]:
-            if ev.get("old") != ev.get("new"):
-                ax.axvline(
-                    ev["t"], color=STATE_COLOURS.get(ev.get("new", ""), "grey"), linewidth=0.8, alpha=0.7
-                )
+        for ev in changes:
+            ax.axvline(ev["t"], color=STATE_COLOURS.get(ev["new"], "grey"), linewidth=0.8, alpha=0.7)
+        for ev in certs:
+            ax.axvline(ev["t"], color="grey", linewidth=0.8, linestyle=":")
     top = ax_rate.get_ylim()[1]
     ax_rate.text(0.0, top, " kill -9", va="top", ha="left", fontsize=8)
     ax_rate.text(
         run["failover_seconds"], top * 0.9, " first write, new epoch", va="top", fontsize=8, color="green"
     )
-    changes = [ev for ev in run["events"] if ev.get("old") != ev.get("new")]
+    for ev in certs:
+        ax_rate.text(ev["t"], top * 0.8, " death certificate", va="top", fontsize=7, color="grey")
     for i, ev in enumerate(changes[:8]):  # label the first few; the lines show all
         label = f" {ev.get('service', '?')}@{ev.get('node', '?')}: {ev.get('old')}->{ev.get('new')}"
         ax_lat.text(
@@ -104,8 +113,9 @@ def failover_timeline(results: dict[str, Any], path: Path) -> str:
     return (
         f"Writes/s, errors and latency per 100 ms around `kill -9` of the primary (trial "
         f"{result['median_trial'] + 1} of {result['trials']}: failover {run['failover_seconds']:.3f} s); "
-        f"black: the kill, dashed green: first write acknowledged under the new epoch, thin lines: "
-        f"service state changes (describe-services events). {load_note(result).capitalize()}."
+        f"black: the kill, dashed green: first write acknowledged under the new epoch, dotted grey: the "
+        f"first death certificate, thin lines: kv and clc state changes (describe-services events). "
+        f"{_sentence(load_note(result))}"
     )
 
 
@@ -216,7 +226,7 @@ def read_latency(results: dict[str, Any], path: Path) -> str:
     _save(fig, path)
     return (
         "Read latency in the first second and in steady state, after a failover and after a cold "
-        f"start, taken in the same run. {load_note(result).capitalize()}."
+        f"start, taken in the same run. {_sentence(load_note(result))}"
     )
 
 
