@@ -8,9 +8,10 @@ runtime. Then, with the project's ansible.cfg (pipelining on, ControlPersist 120
 - ``scratch``: site.yml on the fresh hosts (the controller's wheelhouse is built by the first
   size if it is not there yet; ``wheelhouse_warm`` says which);
 - the idempotent rerun (``changed=0`` is checked), ``reruns`` times per setting, the settings
-  interleaved in each round so they see the same machine: ``default``, ``no_pipelining``
-  (``ANSIBLE_PIPELINING=False``), ``no_controlpersist`` (``-o ControlMaster=no``, a new SSH
-  connection per task) and ``forks_5`` (``ANSIBLE_FORKS=5``).
+  interleaved in each round so they see the same machine, each run starting with no SSH master
+  connection: ``default``, ``no_pipelining`` (``ANSIBLE_PIPELINING=False``),
+  ``no_controlpersist`` (``-o ControlMaster=no``, a new SSH connection per task) and
+  ``forks_5`` (``ANSIBLE_FORKS=5``).
 
 Playbooks run through the deploy harness (tests/integration/deploy_harness.py) exactly as an
 operator runs them; each has a 30-minute bound, and the bed is removed afterwards, also on
@@ -79,7 +80,12 @@ def changed(stdout: str) -> int:
 
 
 def timed_site(cloud: Any, env: dict[str, str]) -> tuple[float, int]:
-    """One site.yml run with `env` overriding ansible.cfg: (seconds, changed)."""
+    """One site.yml run with `env` overriding ansible.cfg: (seconds, changed).
+
+    Every run gets its own SSH control directory, so it starts without the master connections
+    an earlier run left (as an operator's rerun minutes later does: ControlPersist is 120 s)."""
+    control = Path(tempfile.mkdtemp(prefix="cp-", dir=cloud.workdir))
+    env = {**env, "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control)}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the harness passes os.environ to ansible-playbook
     try:
