@@ -54,7 +54,13 @@ def _trial(c: Cloud, sig: int, one_group: bool) -> dict[str, float]:
         os.kill(pid, sig)
         try:
             if clc_moves:
-                c.wait(lambda: c.primary_node("clc", via=survivor) == survivor, 30.0, "clc on the survivor")
+                try:
+                    c.wait(
+                        lambda: c.primary_node("clc", via=survivor) == survivor, 30.0, "clc on the survivor"
+                    )
+                except RuntimeError as exc:
+                    seen = [(s["name"], s["state"], s.get("epoch")) for s in c.services(survivor)]
+                    raise RuntimeError(f"{exc}; describe-services via {survivor}: {seen}") from exc
                 out["clc"] = time.monotonic() - t0
             out["kv"] = w.first_ack_after(t0, old_epoch + 1) - t0
         finally:
