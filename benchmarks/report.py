@@ -320,7 +320,8 @@ SITE_SETTINGS = {
 def t_site_yml(r: dict[str, Any]) -> str:
     lines = [
         f"Median (min-max) over {r['reruns']} rerun(s) per setting, settings interleaved; the "
-        "ratio is against the committed ansible.cfg in the same run.",
+        "ratio is against the committed ansible.cfg in the same run; `changed` per rerun (an "
+        "idempotent rerun changes nothing).",
         "",
     ]
     for n in r["sizes"]:
@@ -328,18 +329,25 @@ def t_site_yml(r: dict[str, Any]) -> str:
         base = e["rerun_seconds"]["default"].get("p50")
         wheelhouse = "already built" if e["wheelhouse_warm"] else "built in this run"
         lines += [
-            f"| {n} testbed hosts | seconds | vs default |",
-            "|---|---|---|",
-            f"| `testbed up --hosts {n}` | {e['testbed_up_seconds']} | |",
-            f"| site.yml from scratch (changed={e['scratch_changed']}, wheelhouse "
-            f"{wheelhouse}) | {e['scratch_seconds']} | |",
+            f"| {n} testbed hosts | seconds | vs default | changed |",
+            "|---|---|---|---|",
+            f"| `testbed up --hosts {n}` | {e['testbed_up_seconds']} | | |",
+            f"| site.yml from scratch (wheelhouse {wheelhouse}) | {e['scratch_seconds']} | | "
+            f"{e['scratch_changed']} |",
         ]
         for key, label in SITE_SETTINGS.items():
             v = e["rerun_seconds"].get(key)
             if not v:
                 continue
             ratio = f"{v['p50'] / base:.2f}x" if base and v.get("n") else "n/a"
-            lines.append(f"| idempotent rerun (changed=0), {label} | {_s(v, '', 1)} | {ratio} |")
+            counts = e.get("rerun_changed", {}).get(key, [])
+            lines.append(f"| rerun, {label} | {_s(v, '', 1)} | {ratio} | {', '.join(map(str, counts))} |")
+        if e.get("not_idempotent"):
+            tasks = "; ".join(f"`{t}`" for t in e["not_idempotent"][:10])
+            lines += [
+                "",
+                f"**Not idempotent on {n} hosts**: the first rerun that changed something changed {tasks}.",
+            ]
         lines.append("")
     return "\n".join(lines).rstrip()
 

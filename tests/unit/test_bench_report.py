@@ -31,7 +31,8 @@ def test_the_template_renders_with_every_figure(results: dict[str, Any], tmp_pat
             assert img.format == "PNG"
             assert img.size[0] > 500 and img.size[1] > 300
     assert "| failover (kill to first write under the new epoch), median (min-max) | 0.460 s" in page
-    assert "| idempotent rerun (changed=0), pipelining off | 90.0 (90.0-90.0) | 1.50x |" in page
+    assert "| rerun, pipelining off | 90.0 (90.0-90.0) | 1.50x | 0 |" in page
+    assert "**Not idempotent on 3 hosts**" in page and "`no_controlpersist: euca_runtime : Render" in page
     assert "| machine kill of the kv primary's host | 3 | 1.800 s (1.600-2.400) | 2.400 s | 0 |" in page
 
 
