@@ -61,13 +61,13 @@ def _trial(h: Any, cloud: Any) -> dict[str, float]:
     return {"kv": took, "client_errors": float(len(errors))}
 
 
-def run(trials: int = 5) -> dict[str, Any]:
+def run(trials: int = 5, bed: str = BED) -> dict[str, Any]:
     h = harness()
-    workdir = Path(tempfile.mkdtemp(prefix=f"euca-bench-{BED}-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"euca-bench-{bed}-"))
     try:
-        tb.up(BED, 3)
-        cloud = h.Cloud(BED, workdir)
-        cloud.write_topology(topology_for(BED, 3, workdir))
+        tb.up(bed, 3)
+        cloud = h.Cloud(bed, workdir)
+        cloud.write_topology(topology_for(bed, 3, workdir))
         t0 = time.monotonic()
         proc = cloud.playbook("playbooks/site.yml", timeout=PLAYBOOK_TIMEOUT)
         if proc.returncode != 0:
@@ -75,7 +75,7 @@ def run(trials: int = 5) -> dict[str, Any]:
         deploy = time.monotonic() - t0
         res = [_trial(h, cloud) for _ in range(trials)]
     finally:
-        tb.down(BED)
+        tb.down(bed)
         shutil.rmtree(workdir, ignore_errors=True)
     kv = [t["kv"] for t in res]
     s = summary(kv)
