@@ -67,7 +67,7 @@ def run(trials: int = 5, bed: str = BED) -> dict[str, Any]:
     try:
         tb.up(bed, 3)
         cloud = h.Cloud(bed, workdir)
-        cloud.write_topology(topology_for(bed, 3, workdir))
+        cloud.write_topology(topology_for(bed, 3, workdir, kv_port=h.KV_PORT))
         t0 = time.monotonic()
         proc = cloud.playbook("playbooks/site.yml", timeout=PLAYBOOK_TIMEOUT)
         if proc.returncode != 0:

@@ -64,13 +64,16 @@ def harness() -> Any:
     return module
 
 
-def topology_for(name: str, hosts: int, workdir: Path) -> dict[str, Any]:
-    """The demo topology over hosts h1..hN: h4.. join h3 as NCs of cluster01."""
+def topology_for(name: str, hosts: int, workdir: Path, kv_port: int = 0) -> dict[str, Any]:
+    """The demo topology over hosts h1..hN: h4.. join h3 as NCs of cluster01 (`kv_port`: the
+    kv API's port, 0 = off as in the demo)."""
     if hosts < 3:
         raise ValueError("the demo topology needs at least 3 hosts")
     doc = copy.deepcopy(yaml.safe_load(DEMO_TOPOLOGY.read_text()))
     doc["all"]["vars"]["euca_cloud_name"] = name
     doc["all"]["vars"]["euca_pki_controller_dir"] = str(workdir / "pki")  # not the demo's CA
+    if kv_port:
+        doc["all"]["vars"]["euca_runtime_kv_api_port"] = kv_port
     ncs = doc["all"]["children"]["cluster_cluster01"]["children"]["nc_cluster01"]
     ncs["hosts"] = {f"h{i}": None for i in range(3, hosts + 1)}
     return dict(doc)
