@@ -350,4 +350,9 @@ class Writer:
             if hits:
                 return min(hits)
             time.sleep(0.005)
-        raise RuntimeError(f"no write acknowledged under epoch >= {min_epoch} within {timeout} s")
+        acked, errors = self.snapshot()
+        late = [e for _, a, e, _ in acked if a > t]
+        raise RuntimeError(
+            f"no write acknowledged under epoch >= {min_epoch} within {timeout} s: {len(late)} acked after "
+            f"t under epochs {sorted(set(late))[:5]}, {len(errors)} errors (last: {errors[-1:]})"
+        )

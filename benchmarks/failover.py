@@ -54,7 +54,13 @@ def _trial(c: Cloud, sig: int, one_group: bool) -> dict[str, float]:
         os.kill(pid, sig)
         try:
             if clc_moves:
-                c.wait(lambda: c.primary_node("clc", via=survivor) == survivor, 30.0, "clc on the survivor")
+                try:
+                    c.wait(
+                        lambda: c.primary_node("clc", via=survivor) == survivor, 30.0, "clc on the survivor"
+                    )
+                except RuntimeError as exc:
+                    seen = [(s["name"], s["state"], s.get("epoch")) for s in c.services(survivor)]
+                    raise RuntimeError(f"{exc}; describe-services via {survivor}: {seen}") from exc
                 out["clc"] = time.monotonic() - t0
             out["kv"] = w.first_ack_after(t0, old_epoch + 1) - t0
         finally:
@@ -82,10 +88,13 @@ def run(kill_trials: int = 10, one_group_trials: int = 5, stop_trials: int = 5) 
             res["sigstop"].append(_trial(c, signal.SIGSTOP, one_group=False))
     out: dict[str, Any] = {"targets": {"kill9_p50_s": TARGET_P50, "kill9_p99_s": TARGET_P99}}
     for case, trials in res.items():
-        entry: dict[str, Any] = {"kv_seconds": summary([t["kv"] for t in trials])}
+        kv = [t["kv"] for t in trials]
+        # The per-trial samples too: the report plots their distribution per fault type.
+        entry: dict[str, Any] = {"kv_seconds": summary(kv), "kv_samples": [round(x, 4) for x in kv]}
         clc = [t["clc"] for t in trials if "clc" in t]
         if clc:
             entry["clc_seconds"] = summary(clc)
+            entry["clc_samples"] = [round(x, 4) for x in clc]
         entry["client_errors"] = int(sum(t["client_errors"] for t in trials))
         out[case] = entry
     kv = out["kill9"]["kv_seconds"]

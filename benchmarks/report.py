@@ -2,9 +2,13 @@
 
     python -m benchmarks.report [benchmarks/results/DATE.json]   (default: the newest file)
 
-The template is hand-written prose with two kinds of markers: ``{{table:NAME}}`` becomes the
-table of benchmark NAME, ``{{a.b.c}}`` the value at that path in the results (``n/a`` when the
-benchmark was not run). Nothing in the generated file is typed by hand.
+The template is hand-written prose with these markers: ``{{table:NAME}}`` becomes the table of
+benchmark NAME, ``{{plot:FIGURE}}`` a PNG drawn by benchmarks/plots.py into docs/img/ and linked
+(with a caption that gives the machine load of its run), ``{{runs}}`` the table of every result
+with its date, duration and the machine's load average at its start and end, ``{{anchors}}`` the
+published failover defaults of other systems beside our measured failover times, and
+``{{a.b.c}}`` the value at that path in the results (``n/a`` when the benchmark was not run).
+Nothing in the generated file is typed by hand.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TEMPLATE = ROOT / "benchmarks" / "performance.md.tmpl"
 OUT = ROOT / "docs" / "performance.md"
+IMG = ROOT / "docs" / "img"
 
 
 def _f(x: Any, nd: int = 3) -> str:
@@ -37,13 +42,27 @@ def _s(d: dict[str, Any] | None, unit: str = "", nd: int = 3) -> str:
     return f"{_f(d['p50'], nd)}{unit} ({_f(d['min'], nd)}-{_f(d['max'], nd)})"
 
 
+def loaded(r: dict[str, Any]) -> bool:
+    """The 1-minute load average at the start (or end) of the run exceeded the CPU count."""
+    m = r.get("_run", {}).get("machine", {})
+    cpus = m.get("cpus") or 1
+    return any((m.get(k) or [0])[0] > cpus for k in ("loadavg_at_start", "loadavg_at_end"))
+
+
 def _run_line(r: dict[str, Any]) -> str:
     run = r.get("_run", {})
     m = run.get("machine", {})
-    return (
+    end = f", at end {m['loadavg_at_end']}" if "loadavg_at_end" in m else ""
+    args = run.get("arguments")
+    line = (
         f"_Run {run.get('date', '?')}, {run.get('seconds', '?')} s, {m.get('cpus', '?')} CPUs, "
-        f"load average at start {m.get('loadavg_at_start', '?')}._"
+        f"load average (1/5/15 min) at start {m.get('loadavg_at_start', '?')}{end}"
+        + (f"; arguments {', '.join(f'{k}={v}' for k, v in args.items())} (not the defaults)" if args else "")
+        + "._"
     )
+    if loaded(r):
+        line += " **Loaded machine (load above the CPU count): these figures are noisy.**"
+    return line
 
 
 def t_replication_cost(r: dict[str, Any]) -> str:
@@ -261,6 +280,86 @@ def t_s3_iam(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def t_failover_timeline(r: dict[str, Any]) -> str:
+    changes = sum(1 for run in r["runs"] for e in run["events"] if e.get("old") != e.get("new"))
+    return "\n".join(
+        [
+            f"{r['trials']} trials, {r['clients']} writing clients through the surviving process, "
+            f"{r['before_seconds']:g} s of load before the kill and {r['after_seconds']:g} s after, "
+            f"{int(r['bucket_seconds'] * 1000)} ms buckets.",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| failover (kill to first write under the new epoch), median (min-max) | "
+            f"{_s(r['failover_seconds'], ' s')} |",
+            f"| writes acknowledged, all trials | {sum(run['acked'] for run in r['runs'])} |",
+            f"| client errors, all trials | {r['client_errors']} |",
+            f"| service state changes seen in the windows | {changes} |",
+        ]
+    )
+
+
+def t_machine_kill(r: dict[str, Any]) -> str:
+    e = r["machine_kill"]
+    kv = e["kv_seconds"]
+    return "\n".join(
+        [
+            f"{r['trials']} trials on {r['hosts']} testbed hosts (deployed by site.yml in "
+            f"{r['deploy_seconds']} s).",
+            "",
+            "| failure | trials | kv p50 (min-max) | kv p99 | client errors |",
+            "|---|---|---|---|---|",
+            f"| machine kill of the kv primary's host | {kv.get('n', 0)} | {_s(kv, ' s')} | "
+            f"{_f(kv.get('p99', 'n/a'))} s | {e['client_errors']} |",
+            "",
+            f"Target: p50 < {r['targets']['machine_kill_p50_s']} s: **{_f(e['met'])}**.",
+        ]
+    )
+
+
+SITE_SETTINGS = {
+    "default": "ansible.cfg as committed (pipelining, ControlPersist 120 s, forks 20)",
+    "no_pipelining": "pipelining off",
+    "no_controlpersist": "ControlPersist off (new SSH connection per task)",
+    "forks_5": "forks 5",
+}
+
+
+def t_site_yml(r: dict[str, Any]) -> str:
+    lines = [
+        f"Median (min-max) over {r['reruns']} rerun(s) per setting, settings interleaved; the "
+        "ratio is against the committed ansible.cfg in the same run; `changed` per rerun (an "
+        "idempotent rerun changes nothing).",
+        "",
+    ]
+    for n in r["sizes"]:
+        e = r[f"hosts_{n}"]
+        base = e["rerun_seconds"]["default"].get("p50")
+        wheelhouse = "already built" if e["wheelhouse_warm"] else "built in this run"
+        lines += [
+            f"| {n} testbed hosts | seconds | vs default | changed |",
+            "|---|---|---|---|",
+            f"| `testbed up --hosts {n}` | {e['testbed_up_seconds']} | | |",
+            f"| site.yml from scratch (wheelhouse {wheelhouse}) | {e['scratch_seconds']} | | "
+            f"{e['scratch_changed']} |",
+        ]
+        for key, label in SITE_SETTINGS.items():
+            v = e["rerun_seconds"].get(key)
+            if not v:
+                continue
+            ratio = f"{v['p50'] / base:.2f}x" if base and v.get("n") else "n/a"
+            counts = e.get("rerun_changed", {}).get(key, [])
+            lines.append(f"| rerun, {label} | {_s(v, '', 1)} | {ratio} | {', '.join(map(str, counts))} |")
+        if e.get("not_idempotent"):
+            tasks = "; ".join(f"`{t}`" for t in e["not_idempotent"][:10])
+            lines += [
+                "",
+                f"**Not idempotent on {n} hosts**: the first rerun that changed something changed {tasks}.",
+            ]
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "replication_cost": t_replication_cost,
     "failover": t_failover,
@@ -268,7 +367,70 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "read_after_failover": t_read_after_failover,
     "testbed_boot": t_testbed_boot,
     "s3_iam": t_s3_iam,
+    "failover_timeline": t_failover_timeline,
+    "site_yml": t_site_yml,
+    "machine_kill": t_machine_kill,
 }
+
+
+# Published defaults of other systems: how long each waits before it acts on a silent leader
+# (a timeout, not a measured failover; the failover of each takes at least this long).
+ANCHORS = [
+    ("keepalived (VRRP)", "master down interval: 3 x advert_int (1 s) + skew", 3.5),
+    ("etcd (Raft)", "election timeout (heartbeat 100 ms)", 1.0),
+    ("MongoDB replica set", "electionTimeoutMillis 10 s + election, typical failover", 12.0),
+    ("Patroni", "leader key ttl", 30.0),
+    ("Redis Sentinel", "down-after-milliseconds (example sentinel.conf)", 30.0),
+]
+
+
+def anchors(results: dict[str, Any]) -> str:
+    """Our measured failover medians beside the published defaults, and where we are slower."""
+    ours: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    fo = results.get("failover", {})
+    for case, label in (
+        ("kill9", "`kill -9` of the primary process (death certificate)"),
+        ("sigstop", "`SIGSTOP` past the 1 s lease (a silent primary: the comparable case)"),
+    ):
+        if fo.get(case, {}).get("kv_seconds", {}).get("n"):
+            ours.append((label, fo[case]["kv_seconds"], fo))
+    mk = results.get("machine_kill", {})
+    if mk.get("machine_kill", {}).get("kv_seconds", {}).get("n"):
+        ours.append(("machine kill of the primary's testbed host", mk["machine_kill"]["kv_seconds"], mk))
+    tl = results.get("failover_timeline", {})
+    if tl.get("failover_seconds", {}).get("n"):
+        ours.append(("`kill -9` under load (failover_timeline)", tl["failover_seconds"], tl))
+    lines = [
+        "| system | published default | seconds |",
+        "|---|---|---|",
+        *(f"| {name} | {what} | about {secs:g} |" for name, what, secs in ANCHORS),
+        "",
+        "| euca-ha (measured, this report) | p50 | p99 | load average at start |",
+        "|---|---|---|---|",
+    ]
+    for label, s, r in ours:
+        load = r.get("_run", {}).get("machine", {}).get("loadavg_at_start", "?")
+        lines.append(f"| {label} | {_f(s['p50'])} s | {_f(s['p99'])} s | {load} |")
+    if not ours:
+        return "\n".join([*lines, "", "_No failover results: run `make bench BENCH=failover`._"])
+    slower = []
+    for label, s, _ in ours:
+        beaten = [f"{name} ({secs:g} s)" for name, _, secs in ANCHORS if secs < s["p50"]]
+        beaten_p99 = [
+            f"{name} ({secs:g} s)" for name, _, secs in ANCHORS if secs < s["p99"] and secs >= s["p50"]
+        ]
+        if beaten:
+            slower.append(f"{label}: the median ({_f(s['p50'])} s) is slower than {', '.join(beaten)}")
+        if beaten_p99:
+            slower.append(f"{label}: the p99 ({_f(s['p99'])} s) is slower than {', '.join(beaten_p99)}")
+    lines.append("")
+    if slower:
+        lines.append("**Where we are slower:** " + "; ".join(slower) + ".")
+    else:
+        lines.append(
+            "**Where we are slower:** nowhere in this run: every median and p99 above is below every default."
+        )
+    return "\n".join(lines)
 
 
 def _lookup(results: dict[str, Any], path: str) -> str:
@@ -280,14 +442,52 @@ def _lookup(results: dict[str, Any], path: str) -> str:
     return _f(cur)
 
 
-def render(results: dict[str, Any], template: str, source: str) -> str:
+def runs(results: dict[str, Any]) -> str:
+    """Every result with its date, duration and the machine load around it."""
+    lines = [
+        "| benchmark | run (UTC) | seconds | CPUs | load average at start (1/5/15 min) | at end | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(k for k, v in results.items() if isinstance(v, dict) and "_run" in v):
+        run = results[name]["_run"]
+        m = run.get("machine", {})
+        lines.append(
+            f"| {name} | {run.get('date', '?')} | {run.get('seconds', '?')} | {m.get('cpus', '?')} | "
+            f"{m.get('loadavg_at_start', '?')} | {m.get('loadavg_at_end', 'not recorded')} | "
+            f"{'**loaded: noisy**' if loaded(results[name]) else 'quiet'} |"
+        )
+    return "\n".join(lines)
+
+
+def render(results: dict[str, Any], template: str, source: str, img_dir: Path | None = None) -> str:
+    """The page. With `img_dir`, `{{plot:...}}` figures are drawn there and linked as img/NAME.png
+    (the page lives in docs/, the figures in docs/img/); without, they are left out."""
+
     def table(m: re.Match[str]) -> str:
         name = m.group(1)
         if name not in results:
             return f"_Not in {source}: run `make bench BENCH={name}`._"
         return _run_line(results[name]) + "\n\n" + TABLES[name](results[name])
 
+    def plot(m: re.Match[str]) -> str:
+        from benchmarks import plots
+
+        figure = m.group(1)
+        bench, draw = plots.PLOTS[figure]
+        if bench not in results:
+            return f"_Figure {figure}: no {bench} result in {source}: run `make bench BENCH={bench}`._"
+        if img_dir is None:
+            return f"_Figure {figure}: not drawn._"
+        try:
+            caption = draw(results, img_dir / f"{figure}.png")
+        except (KeyError, ValueError) as exc:
+            why = f"the {bench} result cannot be drawn ({exc})"
+            return f"_Figure {figure}: {why}: rerun `make bench BENCH={bench}`._"
+        return f"![{figure}](img/{figure}.png)\n\n_{caption}_"
+
     text = re.sub(r"\{\{table:(\w+)\}\}", table, template)
+    text = re.sub(r"\{\{plot:(\w+)\}\}", plot, text)
+    text = text.replace("{{runs}}", runs(results)).replace("{{anchors}}", anchors(results))
     text = re.sub(r"\{\{([\w.]+)\}\}", lambda m: _lookup(results, m.group(1)), text)
     header = (
         f"<!-- GENERATED by `python -m benchmarks.report` from {source} and "
@@ -320,7 +520,7 @@ def main(argv: list[str]) -> int:
             return 2
         results = newest_results(files)
         source = ", ".join(str(f.relative_to(ROOT)) for f in files) + " (newest result of each benchmark)"
-    OUT.write_text(render(results, TEMPLATE.read_text(), source))
+    OUT.write_text(render(results, TEMPLATE.read_text(), source, IMG))
     print(f"report: wrote {OUT.relative_to(ROOT)} from {source}")
     return 0
 

@@ -76,7 +76,10 @@ class Cloud:
         inventory = STATE_ROOT / self.name / "inventory.yml"
         cmd = [str(BIN / "ansible-playbook"), "-i", str(inventory), "-i", str(self.topology)]
         cmd += [str(ROOT / playbook), *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        # stdin from /dev/null: ansible refuses a non-blocking stdin (a caller run in the background)
+        return subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+        )
 
     def site(self, *extra: str) -> subprocess.CompletedProcess[str]:
         proc = self.playbook("playbooks/site.yml", *extra)
