@@ -383,6 +383,15 @@ class Identity:
         self._authorize(account, caller, action, name)
         return name
 
+    def _done(self, request_id: str) -> bool:
+        """Whether a delete with this request id already took effect (`ClcRequest`)."""
+        return self._cache().get("clc_request", request_id) is not None
+
+    def _done_ops(self, request_id: str, action: str) -> list[dict[str, Any]]:
+        from euca_runtime.services.clc import request_done_ops
+
+        return request_done_ops(request_id, action, self._cache().items("clc_request"), time.time())
+
     def _existing_user(self, account: str, name: str) -> Mapping[str, Any]:
         row = self.user(account, name)
         if row is None:
@@ -459,6 +468,8 @@ class Identity:
         if caller != ADMIN_USER:
             self._authorize(account, caller, "DeleteUser", "*")
         async with self._lock(account, name.lower()):
+            if self._done(rid):
+                return {}  # our own retry after a failover: the delete took effect
             row = self._existing_user(account, name)
             if account == ADMIN_ACCOUNT and row["name_key"] == ADMIN_USER:
                 raise RequestError(
@@ -466,7 +477,8 @@ class Identity:
                 )
             if self.keys_of(account, row["name_key"]):
                 raise RequestError("DeleteConflict", "Cannot delete entity, must delete access keys first.")
-            res = await self.ctx.write([row_delete_op("iam_user", [account, row["name_key"]])])
+            ops = [row_delete_op("iam_user", [account, row["name_key"]]), *self._done_ops(rid, "DeleteUser")]
+            res = await self.ctx.write(ops)
         log.info("user deleted", extra={"account": account, "user": name, "epoch": res.epoch, "seq": res.seq})
         return {}
 
@@ -555,8 +567,14 @@ class Identity:
 
         name = self._target(account, caller, "DeleteAccessKey", params, required=False)
         async with self._lock(account, name.lower()):
+            if self._done(rid):
+                return {}  # our own retry after a failover: the delete took effect
             row = self._owned_key(account, name, params)
-            res = await self.ctx.write([row_delete_op("iam_access_key", [row["access_key"]])])
+            ops = [
+                row_delete_op("iam_access_key", [row["access_key"]]),
+                *self._done_ops(rid, "DeleteAccessKey"),
+            ]
+            res = await self.ctx.write(ops)
         log.info(
             "access key deleted",
             extra={"account": account, "user": name, "access_key": row["access_key"], "epoch": res.epoch},
