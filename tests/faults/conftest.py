@@ -9,6 +9,7 @@ set, then the regressions on hosts (they end by powering a host off for good).""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,11 @@ import pytest
 
 from faults import cloud as cloud_mod
 from faults.cloud import Cloud
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+from runtime_harness import ha_cloud, single_cloud
+
+__all__ = ["demo_cloud", "ha_cloud", "single_cloud"]
 
 BED = os.environ.get("FAULTS_BED", "flt")
 KV_PORT = 8779  # as tests/integration/deploy_harness.py: its kv helpers reach hosts there

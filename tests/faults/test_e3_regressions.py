@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,24 +48,6 @@ from testbed import bed as tb  # noqa: E402
 REPLICATED = ("clc", "kv", "walrus")  # the groups both local and testbed clouds replicate
 
 # --------------------------------------------------------------------------- local clouds
-
-
-@pytest.fixture
-def ha_cloud(tmp_path: Path) -> Iterator[rh.Cloud]:
-    root = tmp_path / "cloud"
-    try:
-        yield rh.start_cloud(root, ha=True)
-    finally:
-        rh.stop_cloud(root)
-
-
-@pytest.fixture
-def single_cloud(tmp_path: Path) -> Iterator[rh.Cloud]:
-    root = tmp_path / "cloud"
-    try:
-        yield rh.start_cloud(root, ha=False)
-    finally:
-        rh.stop_cloud(root)
 
 
 def _local_settled(cloud: rh.Cloud, groups: tuple[str, ...] = REPLICATED) -> bool:

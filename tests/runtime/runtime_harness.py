@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,3 +246,24 @@ class Writer:
             if self.cloud.get(via, key) != key.encode():
                 lost.append(key)
         return lost
+
+
+@pytest.fixture
+def ha_cloud(tmp_path: Path) -> Iterator[Cloud]:
+    """A fresh `up --ha` cloud, stopped afterwards whatever happens (import the fixture into a
+    conftest or test module to use it)."""
+    root = tmp_path / "cloud"
+    try:
+        yield start_cloud(root, ha=True)
+    finally:
+        stop_cloud(root)
+
+
+@pytest.fixture
+def single_cloud(tmp_path: Path) -> Iterator[Cloud]:
+    """A fresh one-process `up` cloud, stopped afterwards whatever happens."""
+    root = tmp_path / "cloud"
+    try:
+        yield start_cloud(root, ha=False)
+    finally:
+        stop_cloud(root)
