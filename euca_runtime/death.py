@@ -30,22 +30,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from euca_runtime.local import pid_alive
 from euca_runtime.log import configure, get_logger
 
 log = get_logger("death")
 
 TIMEOUT = 2.0
 """Seconds for the whole round of certificates (each peer in parallel)."""
-
-
-def pid_alive(pid: int) -> bool:
-    """True while process `pid` exists (a zombie counts as gone: it cannot hold anything)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def held_leases(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
