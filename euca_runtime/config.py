@@ -430,6 +430,17 @@ def _components(value: Any, node: str) -> tuple[ComponentSpec, ...]:
             except ValueError as exc:
                 _fail(f"{path}.options", str(exc))
         out.append(ComponentSpec(type=ctype, name=name, partition=partition, role=role, options=options))
+    # External CC services (one per cluster): every loopback address one of them uses is its own.
+    taken: dict[str, str] = {}
+    for i, spec in enumerate(out):
+        for key in ("gateway", "service_address"):
+            where = f"components[{i}].options.{key}"
+            addr = spec.options.get(key) if spec.type == "cc" else None
+            if addr is None:
+                continue
+            if addr in taken:
+                _fail(where, f"already used by {taken[addr]}", addr)
+            taken[addr] = where
     return tuple(out)
 
 

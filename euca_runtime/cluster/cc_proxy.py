@@ -8,9 +8,16 @@ as it is elected.
 
 The proxy
 
-* starts the CC service (`euca_runtime.cluster.cc_service`) as its child process and restarts
-  it when it exits (at most once a second); the service writes ``service.json`` (pid, url)
-  under ``<data_dir>/cc/<instance name>/`` and exits when its parent is gone;
+* with option ``service: child`` (the default; ``euca-runtime up``) starts the CC service
+  (`euca_runtime.cluster.cc_service`) as its child process and restarts it when it exits (at
+  most once a second); the service writes ``service.json`` (pid, url) under
+  ``<data_dir>/cc/<instance name>/`` and exits when its parent is gone. Both share one random
+  token per start for the two loopback APIs;
+* with ``service: external`` (deployed hosts: the systemd unit ``euca-cc@<cluster>``) talks to
+  a service that runs on its own at the fixed loopback ``service_address``, serves the gateway
+  at the fixed loopback ``gateway``, and reads the shared token from ``token_file`` (re-read
+  when the file changes; refused when group or others may read it). It neither starts nor
+  stops that service; one that is not running fails the health probe like a dead child;
 * serves the service a loopback *gateway* (``GET /v1/ncs``: the cluster's NCs from the
   topology; ``POST /v1/nc``: one NC call, made over the bus with ``Node.call_instance``), so
   the service reaches every NC wherever it runs, through mutual TLS, without knowing hosts;
@@ -21,9 +28,9 @@ The proxy
   instance serves: the bus routes there); a refusal marked ``retry`` (the service was deposed
   meanwhile) is answered ``Unavailable`` so the bus retries the ENABLED CC;
 * tells the service its epoch when it becomes ENABLED (the service fences the NCs with it
-  before acting) and when it stops being ENABLED.
-
-Both the proxy and the service share one random token (per start) for the two loopback APIs.
+  before acting) and when it stops being ENABLED, and tells a service it has not seen before
+  (a new pid: first contact, a restarted unit, a runtime restarted under a running service)
+  what it is now.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
-from euca_runtime.cluster.cc_service import METHODS, NC_TIMEOUT, POLL_INTERVAL
+from euca_runtime.cluster.cc_service import METHODS, NC_TIMEOUT, POLL_INTERVAL, read_token_file
+from euca_runtime.cluster.options import loopback_address
 from euca_runtime.component import (
     Component,
     ComponentHandler,
@@ -59,6 +67,11 @@ log = get_logger("cc")
 HEALTH_TIMEOUT = 0.6
 RESPAWN_EVERY = 1.0
 STOP_GRACE = 3.0
+_SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 class CCProxy(Component):
@@ -74,7 +87,18 @@ class CCProxy(Component):
         self.cluster = ctx.partition
         self.state_dir = Path(getattr(ctx, "data_dir", ".")) / "cc" / ctx.name
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.external = opts.get("service", "child") == "external"
+        self.gateway_host, self.gateway_port = "127.0.0.1", 0
+        self.service_url: str | None = None
+        self.token_file: Path | None = None
         self.token = secrets.token_urlsafe(24)
+        if self.external:
+            self.gateway_host, self.gateway_port = loopback_address(opts["gateway"], "gateway")
+            host, port = loopback_address(opts["service_address"], "service_address")
+            self.service_url = f"http://{_url_host(host)}:{port}"
+            self.token_file = Path(str(opts["token_file"]))
+            self.token = ""  # read from token_file when first needed
+        self._token_stamp: tuple[int, int, int] | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.url: str | None = None
         self.gateway_url: str | None = None
@@ -84,30 +108,67 @@ class CCProxy(Component):
         self._lock = asyncio.Lock()
         self.restarts = 0
         self.last_exit: str | None = None
+        self.seen_pid: int | None = None  # the service process the health probe last answered from
+        self._enabled_epoch: int | None = None  # our epoch while ENABLED, None otherwise
+        self._role_lock = asyncio.Lock()
+        self._sync_task: asyncio.Task[None] | None = None
 
-    # ------------------------------------------------------------------ the child process
+    # ------------------------------------------------------------------ the service process
 
     def _http(self) -> ClientSession:
         if self._session is None:
-            self._session = ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+            self._session = ClientSession()
         return self._session
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def _load_token(self) -> None:
+        """External mode: (re-)read the token file when it is new or changed; raises while unusable."""
+        assert self.token_file is not None
+        try:
+            st = self.token_file.stat()
+        except OSError as exc:
+            self.token, self._token_stamp = "", None
+            raise RuntimeError(f"CC token file {self.token_file}: {exc.strerror or exc}") from None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._token_stamp and self.token:
+            return
+        try:
+            self.token = read_token_file(str(self.token_file))
+        except ValueError as exc:
+            self.token, self._token_stamp = "", None
+            raise RuntimeError(f"CC {exc}") from None
+        self._token_stamp = stamp
 
     async def _ensure_gateway(self) -> str:
         if self.gateway_url is not None:
             return self.gateway_url
         runner = web.AppRunner(self._gateway_app(), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        site = web.TCPSite(runner, self.gateway_host, self.gateway_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            where = f"{_url_host(self.gateway_host)}:{self.gateway_port}"
+            raise RuntimeError(f"CC gateway cannot listen on {where}: {exc.strerror or exc}") from None
         server = getattr(site, "_server", None)
         assert server is not None and server.sockets
         port = server.sockets[0].getsockname()[1]
         self._gateway = runner
-        self.gateway_url = f"http://127.0.0.1:{port}"
+        self.gateway_url = f"http://{_url_host(self.gateway_host)}:{port}"
+        log.info("cc gateway listening", extra={"service": self.ctx.name, "url": self.gateway_url})
         return self.gateway_url
 
     async def _ensure_service(self) -> str:
         """The running service's URL; starts (or restarts) it, raising while it is not up."""
+        if self.external:
+            assert self.service_url is not None
+            self._load_token()
+            await self._ensure_gateway()
+            self.url = self.service_url
+            return self.url
         async with self._lock:
             proc = self.proc
             if proc is not None and proc.returncode is not None:
@@ -126,7 +187,9 @@ class CCProxy(Component):
                 gateway = await self._ensure_gateway()
                 with contextlib.suppress(FileNotFoundError):
                     (self.state_dir / "service.json").unlink()
-                env = {**os.environ, "EUCA_CC_TOKEN": self.token}
+                # The runtime's systemd notify socket and watchdog are its own, not the child's.
+                env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
+                env["EUCA_CC_TOKEN"] = self.token
                 self.proc = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
@@ -162,7 +225,14 @@ class CCProxy(Component):
 
     @property
     def service_pid(self) -> int | None:
+        if self.external:
+            return self.seen_pid
         return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    def _what(self) -> str:
+        if self.external:
+            return f"CC service at {self.service_url}"
+        return f"CC service (pid {self.service_pid})"
 
     # ------------------------------------------------------------------ the gateway
 
@@ -175,7 +245,8 @@ class CCProxy(Component):
             request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
         ) -> web.StreamResponse:
             scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip(), self.token):
+            token = self.token  # empty while an external token file is unusable: nobody gets in
+            if scheme.lower() != "bearer" or not token or not secrets.compare_digest(value.strip(), token):
                 return web.json_response({"error": "Unauthorized", "message": "bad token"}, status=401)
             return await handler(request)
 
@@ -213,16 +284,29 @@ class CCProxy(Component):
         url = await self._ensure_service()
         try:
             async with self._http().get(
-                f"{url}/v1/health", timeout=ClientTimeout(total=HEALTH_TIMEOUT)
+                f"{url}/v1/health", headers=self._auth(), timeout=ClientTimeout(total=HEALTH_TIMEOUT)
             ) as resp:
                 doc = await resp.json()
                 status = resp.status
         except (ClientError, TimeoutError, ValueError) as exc:
             why = str(exc) or type(exc).__name__
-            pid = self.service_pid
-            raise RuntimeError(f"CC service (pid {pid}) did not answer its health probe: {why}") from None
+            raise RuntimeError(f"{self._what()} did not answer its health probe: {why}") from None
+        pid = doc.get("pid") if isinstance(doc, dict) else None
+        if isinstance(pid, int) and pid != self.seen_pid:
+            if self.external:
+                log.info("cc service found", extra={"service": self.ctx.name, "pid": pid, "url": url})
+            self.seen_pid = pid
+            # A service we have not seen: tell it what we are now (in the background: with an
+            # epoch it fences the NCs first, which must not count against the probe's deadline).
+            if self._sync_task is None or self._sync_task.done():
+                self._sync_task = asyncio.create_task(self._role(sync=True), name=f"role-{self.ctx.name}")
+        if status == 401:
+            raise RuntimeError(
+                f"{self._what()} refused our token (the token file changed; restart the service)"
+            )
         if status != 200:
-            raise RuntimeError(f"CC service unhealthy: {doc.get('cause', status)}")
+            cause = doc.get("cause", status) if isinstance(doc, dict) else status
+            raise RuntimeError(f"CC service unhealthy: {cause}")
 
     def handlers(self) -> Mapping[str, ComponentHandler]:
         table: dict[str, ComponentHandler] = {}
@@ -246,7 +330,7 @@ class CCProxy(Component):
         doc = {"method": method, "body": body, "epoch": epoch}
         try:
             async with self._http().post(
-                f"{url}/v1/call", json=doc, timeout=ClientTimeout(total=remaining)
+                f"{url}/v1/call", json=doc, headers=self._auth(), timeout=ClientTimeout(total=remaining)
             ) as resp:
                 out = await resp.json()
                 status = resp.status
@@ -261,25 +345,38 @@ class CCProxy(Component):
             raise ServiceUnavailable(f"{self.ctx.name}: {kind}: {message}", "Unavailable")
         raise RequestError(kind, message)
 
-    async def _role(self, epoch: int | None) -> None:
-        url = self.url
-        if url is None:
-            return
-        with contextlib.suppress(ClientError, TimeoutError, ValueError):
-            async with self._http().post(
-                f"{url}/v1/role", json={"epoch": epoch}, timeout=ClientTimeout(total=5.0)
-            ) as resp:
-                await resp.read()
+    async def _role(self, sync: bool = False) -> None:
+        """Tell the service our epoch (None: not ENABLED), as it is when the lock is ours."""
+        async with self._role_lock:
+            url = self.url
+            if url is None:
+                return
+            epoch = self._enabled_epoch
+            with contextlib.suppress(ClientError, TimeoutError, ValueError):
+                async with self._http().post(
+                    f"{url}/v1/role",
+                    json={"epoch": epoch},
+                    headers=self._auth(),
+                    timeout=ClientTimeout(total=5.0),
+                ) as resp:
+                    await resp.read()
+                if sync:
+                    log.info("cc service told its role", extra={"service": self.ctx.name, "epoch": epoch})
 
     async def on_enabled(self, epoch: int) -> None:
         log.info("cc enabled", extra={"service": self.ctx.name, "epoch": epoch, "pid": self.service_pid})
-        await self._role(epoch)
+        self._enabled_epoch = epoch
+        await self._role()
 
     async def on_disabled(self) -> None:
-        await self._role(None)
+        self._enabled_epoch = None
+        await self._role()
 
     async def close(self) -> None:
-        proc = self.proc
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            await asyncio.gather(self._sync_task, return_exceptions=True)
+        proc = self.proc  # None in external mode: that service outlives us
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
@@ -302,6 +399,6 @@ CC = register_type(
         partitioned=True,
         replicated=True,
         store_component=None,
-        description="cluster controller proxy: leases cc/<cluster>, runs and fronts the stateless CC service",
+        description="cluster controller proxy: leases cc/<cluster>, fronts the stateless CC service",
     )
 )

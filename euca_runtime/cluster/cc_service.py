@@ -1,8 +1,17 @@
 """The CC service: the stateless cluster controller, a small process of its own (DESIGN.md 2).
 
-``python -m euca_runtime.cluster.cc_service --cluster cluster01 --gateway URL --state-dir DIR``
-(the CC proxy, `euca_runtime.cluster.cc_proxy`, starts and supervises it; the token is in the
-environment, ``EUCA_CC_TOKEN``).
+Two ways to run it (docs/cluster.md):
+
+* a child of its CC proxy (`euca_runtime.cluster.cc_proxy`, ``service: child``, as
+  ``euca-runtime up`` does): ``python -m euca_runtime.cluster.cc_service --cluster cluster01
+  --gateway URL --state-dir DIR``, with a random token in the environment (``EUCA_CC_TOKEN``).
+  It listens on an ephemeral loopback port (written to ``DIR/service.json``) and exits when its
+  parent is gone;
+* on its own (``service: external``; the systemd unit ``euca-cc@<cluster>`` of role euca_cc):
+  ``... --cluster cluster01 --gateway http://127.0.0.1:7190 --port 7191 --token-file FILE
+  --no-parent-watch``. It outlives restarts of the runtime: while the gateway does not answer
+  it keeps polling (and reports itself unhealthy), and carries on when the gateway is back.
+  Under a ``Type=notify`` unit it says ``READY=1`` once it listens and pings the watchdog.
 
 What it does
 ------------
@@ -31,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -43,6 +53,7 @@ from typing import Any, Protocol
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
+from euca_runtime import sdnotify
 from euca_runtime.cluster.instance_types import INSTANCE_TYPES
 from euca_runtime.cluster.scheduler import LOST, UP, ClusterView, InsufficientCapacity, place, rebuild
 from euca_runtime.log import configure, get_logger
@@ -184,12 +195,24 @@ class CCService:
             return self.view
 
     async def poll_loop(self) -> None:
+        gateway_down: str | None = None  # why the NC list could not be read (logged once)
         while True:
             t0 = self.clock()
             try:
                 await self.poll()
+            except NcUnavailable as exc:  # the runtime (its gateway) is down or restarting
+                if gateway_down is None:
+                    log.warning(
+                        "cc poll: runtime gateway unreachable",
+                        extra={"cluster": self.cluster, "reason": str(exc)},
+                    )
+                gateway_down = str(exc)
             except Exception:
                 log.exception("cc poll failed", extra={"cluster": self.cluster})
+            else:
+                if gateway_down is not None:
+                    log.info("cc poll: runtime gateway answers again", extra={"cluster": self.cluster})
+                    gateway_down = None
             await asyncio.sleep(max(0.0, self.poll_interval - (self.clock() - t0)))
 
     def _note(self, node: str, inst: Mapping[str, Any]) -> None:
@@ -552,17 +575,29 @@ async def serve(args: argparse.Namespace, token: str) -> int:
     runner = web.AppRunner(make_app(service, token), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error(
+            "cc service cannot listen", extra={"cluster": args.cluster, "port": args.port, "reason": str(exc)}
+        )
+        await runner.cleanup()
+        return 1
     server = getattr(site, "_server", None)
     port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else args.port
-    url = f"http://{args.host}:{port}"
-    state_dir = Path(args.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    ready = state_dir / "service.json"
-    tmp = ready.with_suffix(f".tmp.{os.getpid()}")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "url": url, "cluster": args.cluster}))
-    os.replace(tmp, ready)
-    log.info("cc service listening", extra={"cluster": args.cluster, "url": url, "pid": os.getpid()})
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{port}"
+    if args.state_dir:
+        state_dir = Path(args.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        ready = state_dir / "service.json"
+        tmp = ready.with_suffix(f".tmp.{os.getpid()}")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "url": url, "cluster": args.cluster}))
+        os.replace(tmp, ready)
+    log.info(
+        "cc service listening",
+        extra={"cluster": args.cluster, "url": url, "pid": os.getpid(), "gateway": args.gateway},
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -575,8 +610,15 @@ async def serve(args: argparse.Namespace, token: str) -> int:
         log.warning("cc service: parent gone, exiting", extra={"cluster": args.cluster})
         stop.set()
 
-    tasks = [asyncio.create_task(service.poll_loop()), asyncio.create_task(watch_parent())]
+    tasks = [asyncio.create_task(service.poll_loop())]
+    if not args.no_parent_watch:
+        tasks.append(asyncio.create_task(watch_parent()))
+    sdnotify.notify("READY=1")
+    interval = sdnotify.watchdog_interval()
+    if interval:
+        tasks.append(asyncio.create_task(sdnotify.watchdog_loop(interval)))
     await stop.wait()
+    sdnotify.notify("STOPPING=1")
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -586,21 +628,60 @@ async def serve(args: argparse.Namespace, token: str) -> int:
     return 0
 
 
+def read_token_file(path: str) -> str:
+    """The token in `path`; ValueError when it is unreadable, empty, or readable by group or others."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            token = f.read(4096).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"token file {path}: {exc}") from None
+    if mode & 0o077:
+        raise ValueError(f"token file {path}: mode {mode & 0o777:04o} lets others read it (must be 0600)")
+    if not token:
+        raise ValueError(f"token file {path}: empty")
+    return token
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="euca_runtime.cluster.cc_service", description=__doc__.splitlines()[0])
     p.add_argument("--cluster", required=True)
     p.add_argument("--gateway", required=True, help="the proxy's loopback gateway URL")
-    p.add_argument("--state-dir", required=True, help="where service.json (pid, url) is written")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--state-dir", default=None, help="where service.json (pid, url) is written (child mode)")
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    p.add_argument("--port", type=int, default=0, help="port to listen on (0: any free one)")
+    p.add_argument("--token-file", default=None, help="file holding the API token (else $EUCA_CC_TOKEN)")
+    p.add_argument(
+        "--no-parent-watch",
+        action="store_true",
+        help="keep running when the parent process is gone (a service of its own, e.g. under systemd)",
+    )
     p.add_argument("--poll-interval", type=float, default=POLL_INTERVAL)
-    p.add_argument("--nc-timeout", type=float, default=NC_TIMEOUT)
+    p.add_argument(
+        "--nc-timeout", type=float, default=None, help=f"default: min({NC_TIMEOUT}, poll interval)"
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--node", default=None)
     args = p.parse_args(argv)
-    token = os.environ.get("EUCA_CC_TOKEN", "")
+    if args.nc_timeout is None:
+        args.nc_timeout = min(NC_TIMEOUT, args.poll_interval)
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        sys.stderr.write(f"--host must be a loopback address, got {args.host!r}\n")
+        return 2
+    if args.token_file:
+        try:
+            token = read_token_file(args.token_file)
+        except ValueError as exc:
+            sys.stderr.write(f"{exc}\n")
+            return 2
+    else:
+        token = os.environ.get("EUCA_CC_TOKEN", "")
     if not token:
-        sys.stderr.write("EUCA_CC_TOKEN is not set\n")
+        sys.stderr.write("no token: pass --token-file or set EUCA_CC_TOKEN\n")
         return 2
     configure(args.log_level, node=args.node)
     return asyncio.run(serve(args, token))

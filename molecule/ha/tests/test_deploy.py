@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from conftest import services
+from conftest import bed_ssh, services, services_on
 
 from testbed import demo
 
@@ -17,6 +17,8 @@ CONFIG = "/etc/eucalyptus/runtime.yml"
 PKI = "/etc/eucalyptus/pki"
 DATA = "/var/lib/eucalyptus"
 BUS, ADMIN, IAM, EC2, S3 = 7100, 7180, 8773, 8774, 8775
+CC_GATEWAY, CC_SERVICE = 7190, 7191  # cluster01's CC: the runtime's gateway, the euca-cc@ unit
+CC_UNIT = "euca-cc@cluster01.service"
 # What each host runs, from inventories/demo/topology.yml (the first host of a group is primary).
 COMPONENTS = {
     "h1": {("clc", None, "primary"), ("kv", None, "primary"), ("walrus", None, "primary")}
@@ -68,6 +70,39 @@ def test_ports_listen_only_where_expected(host):
     off_loopback = {s for s in listeners if not s.startswith(("127.", "[::1]"))}
     assert off_loopback == expected
     assert f"127.0.0.1:{ADMIN}" in listeners
+
+
+def listeners_of(host, pid: int) -> set[str]:
+    """The local addresses process `pid` listens on (TCP)."""
+    out = host.run("ss -Htlnp").stdout.splitlines()
+    return {line.split()[3] for line in out if f"pid={pid}," in line}
+
+
+def test_cc_unit_runs_on_cc_hosts_and_listens_only_on_loopback(host):
+    """The CC service of cluster01 is its own unit on h1 and h2 (not on h3): enabled, active,
+    as eucalyptus, listening on loopback only; the runtime serves its gateway on loopback;
+    the token they share is the service account's, 0600."""
+    unit = host.service(CC_UNIT)
+    if me(host) == "h3":
+        assert not host.file(f"/etc/systemd/system/{CC_UNIT}.d").exists
+        assert host.run(f"systemctl is-active {CC_UNIT}").stdout.strip() != "active"
+        return
+    assert unit.is_enabled
+    assert unit.is_running
+    pid = int(host.run(f"systemctl show -p MainPID --value {CC_UNIT}").stdout)
+    assert host.process.get(pid=pid).user == "eucalyptus"
+    assert listeners_of(host, pid) == {f"127.0.0.1:{CC_SERVICE}"}
+    runtime = int(host.run("systemctl show -p MainPID --value euca-runtime.service").stdout)
+    assert f"127.0.0.1:{CC_GATEWAY}" in listeners_of(host, runtime)
+    token = host.file("/etc/eucalyptus/cc/cluster01.token")
+    assert (token.user, token.group, token.mode) == ("eucalyptus", "eucalyptus", 0o600)
+    cc = next(c for c in load_config(host)["components"] if c["type"] == "cc")
+    assert cc["options"] == {
+        "service": "external",
+        "gateway": f"127.0.0.1:{CC_GATEWAY}",
+        "service_address": f"127.0.0.1:{CC_SERVICE}",
+        "token_file": "/etc/eucalyptus/cc/cluster01.token",
+    }
 
 
 @pytest.mark.parametrize(
@@ -172,3 +207,54 @@ def test_ec2_describe_availability_zones_through_every_ec2_url(eucarc):
     zones = [demo.ec2_zones(eucarc, url) for url in eucarc["EC2_URLS"].split()]
     assert zones[0] == {"cluster01": "available"}
     assert all(z == zones[0] for z in zones)
+
+
+def cc_instances() -> dict[str, dict]:
+    """node -> the cc/cluster01 instance on it, as the arbitrator (h3) sees the cloud."""
+    return {s["node"]: s for s in services_on("h3") if s["group"] == "cc/cluster01"}
+
+
+def wait_for(what: str, check, deadline: float = 120.0) -> dict[str, dict]:
+    """Poll the cc instances until `check(instances)` holds; generous deadline (loaded machine)."""
+    end = time.monotonic() + deadline
+    while True:
+        seen = cc_instances()
+        if check(seen):
+            return seen
+        assert time.monotonic() < end, f"{what}: not within {deadline} s; cc instances: {seen}"
+        time.sleep(0.5)
+
+
+def test_stopping_the_enabled_cc_unit_moves_the_cc_lease_and_start_brings_it_back_disabled():
+    """`systemctl stop` of the CC unit on the host of the ENABLED cc: that proxy's probe fails,
+    it goes NOTREADY and gives up the lease, the other host's CC is ENABLED; `systemctl start`:
+    the stopped host's CC comes back as the in-sync DISABLED backup (the lease stays)."""
+    seen = wait_for(
+        "one ENABLED and one DISABLED cc",
+        lambda s: sorted(i["state"] for i in s.values()) == ["DISABLED", "ENABLED"],
+    )
+    first = next(n for n, i in seen.items() if i["state"] == "ENABLED")
+    other = next(n for n in seen if n != first)
+    stop = bed_ssh(first, f"systemctl stop {CC_UNIT}")
+    try:
+        assert stop.returncode == 0, stop.stderr
+        seen = wait_for(
+            f"the cc lease on {other} after stopping {CC_UNIT} on {first}",
+            lambda s: (
+                s.get(other, {}).get("state") == "ENABLED" and s.get(first, {}).get("state") == "NOTREADY"
+            ),
+        )
+        epoch = seen[other]["epoch"]
+        start = bed_ssh(first, f"systemctl start {CC_UNIT}")
+        assert start.returncode == 0, start.stderr
+        seen = wait_for(
+            f"{first}'s cc DISABLED and in sync after starting {CC_UNIT}",
+            lambda s: (
+                s.get(first, {}).get("state") == "DISABLED"
+                and s[first].get("in_sync")
+                and s.get(other, {}).get("state") == "ENABLED"
+            ),
+        )
+        assert seen[other]["epoch"] == epoch, f"the lease moved again: {seen}"
+    finally:
+        bed_ssh(first, f"systemctl start {CC_UNIT}")
