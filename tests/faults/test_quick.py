@@ -54,6 +54,6 @@ def test_quick_schedule(cloud: Cloud, tmp_path: Path, kinds: list[str], fails_ov
         # The primary's users lost it: its route watcher saw the route DOWN, so the target group's
         # primary moved to the backup (whose route works) and stays there (failback: manual).
         fault = step["faults"][0]
-        assert step["failover_s"].get(fault["group"]) is not None, step
+        assert step["failover_s"].get(f"user-route:{fault['group']}") is not None, step
         groups = {g["group"]: g for g in cloud.hosts.groups("h3") or []}
         assert groups[fault["group"]]["enabled"][0].split(".", 1)[0] == fault["backup"], groups
