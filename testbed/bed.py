@@ -253,6 +253,11 @@ def _prepare_host(bed: Bed, host: Host, key: Path) -> str:
     sshdir.mkdir(parents=True, exist_ok=True)
     os.chmod(sshdir, 0o700)
     write(sshdir / "authorized_keys", Path(f"{key}.pub").read_text(), 0o600)
+    # root's shell starts clean on a host: the build machine's own ~/.bashrc and ~/.profile (a
+    # pyenv init, say, whose `pyenv rehash` lock, left behind by a machine kill, made every later
+    # `bash -c` over SSH wait 60 s) belong to the controller, not to a fresh Debian host.
+    write(root / "root/.bashrc", commands.ROOT_BASHRC)
+    write(root / "root/.profile", commands.ROOT_PROFILE)
     keytype, keydata = hostkey.with_suffix(".pub").read_text().split()[:2]
     return f"{keytype} {keydata}"
 

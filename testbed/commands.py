@@ -183,3 +183,12 @@ def netem(dev: str, delay_ms: float, loss_pct: float) -> list[str]:
 def in_netns(pid: int, argv: list[str]) -> list[str]:
     """Run argv inside the network namespace of process `pid` (a container's init)."""
     return ["nsenter", "-t", str(pid), "-n", "--", *argv]
+
+
+ROOT_BASHRC = """# testbed host: root's shell starts clean (the build machine's ~/.bashrc is not used here)
+"""
+ROOT_PROFILE = """# testbed host: root's login shell, as on a fresh Debian host
+if [ "$BASH" ] && [ -f ~/.bashrc ]; then
+  . ~/.bashrc
+fi
+"""

@@ -1,9 +1,11 @@
-"""The runbooks rolling-upgrade, arbitrator-routes and replace-host on a site.yml-deployed bed.
+"""site.yml's rolling restart and the runbooks rolling-upgrade, arbitrator-routes and
+replace-host on a site.yml-deployed bed.
 
 Four hosts: h1, h2 clc (with kv), h3 arbitrator, h4 spare (in no group). One cloud for the module;
-the tests run in file order, each leaving a healthy cloud: a rolling restart under a writer
-(every runtime restarted, backups first, no writer error), a route change that restarts only the
-arbitrator, and the replacement of a killed h2 by h4.
+the tests run in file order, each leaving a healthy cloud: site.yml applying a change that needs
+a restart, then the rolling-upgrade runbook (each under a writer: every runtime restarted, backups
+first, no writer error), a route change that restarts only the arbitrator, and the replacement of
+a killed h2 by h4.
 """
 
 from __future__ import annotations
@@ -42,6 +44,42 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
         yield c
     finally:
         tb.down(name)
+
+
+def test_site_yml_restarts_one_host_at_a_time_and_the_primary_after_a_switchover(cloud: Cloud) -> None:
+    """A converge that needs a restart everywhere (log_level cannot be reloaded) on a running HA
+    cloud: the euca_runtime role restarts nothing itself, playbooks/rolling-restart.yml restarts
+    the hosts without a primary first, then the primary's host after its switchover."""
+    before = {h: cloud.main_pid(h) for h in ("h1", "h2", "h3")}
+    primary = cloud.groups("h1")["kv"]["enabled"][0].split(".")[0]
+    backup = "h2" if primary == "h1" else "h1"
+    cloud.write_topology(layout(cloud, ["h1", "h2"], euca_runtime_log_level="warning"))
+    writer = Writer(cloud, [backup, primary], "sr")
+    writer.start()
+    try:
+        proc = cloud.site()
+    finally:
+        writer.stop()
+    assert writer.errors == [], writer.errors[:5]
+    after = {h: cloud.main_pid(h) for h in ("h1", "h2", "h3")}
+    assert all(after[h] != before[h] for h in after), (before, after)
+    out = proc.stdout
+    role = out.index("PLAY [Install and configure the euca-ha runtime")
+    first = out.index("PLAY [Restart the marked runtimes that hold no primary")
+    last = out.index("PLAY [Switch each marked primary's host over")
+    assert "RUNNING HANDLER [euca_runtime : Restart euca-runtime now]" not in out[role:first]
+    first_play = out[first:last]
+    assert f"changed: [{backup}]" in first_play and "changed: [h3]" in first_play, first_play[-3000:]
+    assert f"changed: [{primary}]" not in first_play, first_play[-3000:]
+    assert re.search(rf"TASK \[Hand every primary on this host.*?\nchanged: \[{primary}\]", out[last:], re.S)
+    assert f"changed: [{primary}]" in out[last:], out[last:][-3000:]
+    wait_until(lambda: healthy(cloud), 60, "a healthy cloud", every=1)
+    assert cloud.groups(backup)["kv"]["enabled"] == [f"{backup}.kv"]  # no move back: no flapping
+    assert all(cloud.get(backup, k) == k.encode() for k in writer.acked[::9])
+    # Converged: a rerun restarts nothing.
+    again = cloud.site()
+    assert "PLAY [Switch each marked primary's host over" in again.stdout
+    assert {h: cloud.main_pid(h) for h in ("h1", "h2", "h3")} == after
 
 
 def test_rolling_upgrade_restarts_backups_first_and_never_a_primary(cloud: Cloud) -> None:

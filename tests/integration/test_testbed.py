@@ -71,6 +71,8 @@ def test_hosts_answer_ssh_as_real_systemd_machines(bed):
         assert name == host
         assert state in ("running", "degraded")
         assert machine_id != Path("/etc/machine-id").read_text().strip()
+        # root's shell init is the host's own, not the build machine's (its pyenv, say)
+        assert ssh(bed, host, "head -1 ~/.bashrc").stdout.startswith("# testbed host")
 
 
 def test_partition_cuts_only_between_the_sets_and_heal_restores(bed):
