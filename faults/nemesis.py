@@ -104,8 +104,10 @@ class Fault:
                 self.found["host"] = target
                 tb.degrade(ctx.bed, target, float(self.params["delay_ms"]), float(self.params["loss_pct"]))
             case "user-route":
-                # The arbitrator on h3 probes the users' side for route users-h1 (nodes: [h1]).
-                tb.cut_upstream(ctx.bed, WITNESS)
+                # The primary's own link to the users' side: its route watcher (the demo
+                # topology's users-h1 / users-h2, nodes: [itself]) sees the route DOWN and the
+                # host's primaries hand over to the backup, whose route works.
+                tb.cut_upstream(ctx.bed, primary)
             case "flap":
                 self._thread = threading.Thread(target=self._flap, args=(ctx, primary, other), daemon=True)
                 self._thread.start()
@@ -139,7 +141,7 @@ class Fault:
             case "machine-kill":
                 tb.start(ctx.bed, primary)
             case "user-route":
-                tb.restore_upstream(ctx.bed, WITNESS)
+                tb.restore_upstream(ctx.bed, primary)
             case "flap":
                 self._halt.set()
                 if self._thread is not None:

@@ -36,6 +36,7 @@ from euca_runtime.component import (
     register_type,
 )
 from euca_runtime.store import ApplyContext, ComponentSpec, StoreError, register_component
+from euca_runtime.store.requests import RequestRowMixin, register_request_table
 
 
 class ClcBase(DeclarativeBase):
@@ -181,25 +182,11 @@ class Ec2Snapshot(ClcBase):
     request_id: Mapped[str | None] = mapped_column(String(160), nullable=True)
 
 
-class ClcRequest(ClcBase):
-    """A request that deleted something, by its request id (Alembic ``clc_0004``).
-
-    A request is held and retried across a failover with the same request id; a create finds
-    its own row by the row's ``request_id``, but a delete leaves nothing behind. This row,
-    written in the same change record as the delete, lets the new primary answer the retry as
-    the old one did instead of ``NoSuchEntity``. Rows older than `REQUEST_TTL` are pruned."""
+class ClcRequest(RequestRowMixin, ClcBase):
+    """A request that deleted something, by its request id (Alembic ``clc_0004``): IAM
+    DeleteUser/DeleteAccessKey, EC2 DeleteVolume/DeleteSnapshot (`euca_runtime.store.requests`)."""
 
     __tablename__ = "clc_request"
-
-    request_id: Mapped[str] = mapped_column(String(160), primary_key=True)
-    action: Mapped[str] = mapped_column(String(64), nullable=False)
-    created_ts: Mapped[float] = mapped_column(Float, nullable=False)
-
-
-REQUEST_TTL = 600.0
-"""How long a done request is remembered (seconds; far beyond any request's deadline)."""
-PRUNE_PER_WRITE = 16
-"""Expired request rows removed by one write at most (keeps every change record small)."""
 
 
 CLC_SPEC = register_component(ComponentSpec("clc", ClcBase.metadata))
@@ -213,7 +200,6 @@ _ROW_MODELS: dict[str, type[ClcBase]] = {
     "ec2_instance": Ec2Instance,
     "ec2_volume": Ec2Volume,
     "ec2_snapshot": Ec2Snapshot,
-    "clc_request": ClcRequest,
 }
 
 
@@ -234,17 +220,6 @@ def row_put_op(table: str, row: Mapping[str, Any]) -> dict[str, Any]:
 def row_delete_op(table: str, pk: Sequence[Any]) -> dict[str, Any]:
     """Delete one IAM or EC2 row by primary key (a no-op if absent)."""
     return {"op": "delete", "table": table, "pk": list(pk)}
-
-
-def request_done_ops(
-    request_id: str, action: str, done: Sequence[Mapping[str, Any]], now: float
-) -> list[dict[str, Any]]:
-    """Ops that record `request_id` as done (see `ClcRequest`) and prune expired records from
-    `done` (the ``clc_request`` rows, e.g. from the cache)."""
-    ops = [row_put_op("clc_request", {"request_id": request_id, "action": action, "created_ts": now})]
-    expired = sorted((r for r in done if r["created_ts"] < now - REQUEST_TTL), key=lambda r: r["created_ts"])
-    ops += [row_delete_op("clc_request", [r["request_id"]]) for r in expired[:PRUNE_PER_WRITE]]
-    return ops
 
 
 def _apply_row_put(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -283,6 +258,9 @@ def _apply_row_delete(ctx: ApplyContext, op: Mapping[str, Any]) -> list[dict[str
 for _table in _ROW_MODELS:
     CLC_SPEC.register_applier(_table, "put", _apply_row_put)
     CLC_SPEC.register_applier(_table, "delete", _apply_row_delete)
+
+CLC_REQUESTS = register_request_table(CLC_SPEC, ClcRequest)
+"""Deletes done by request id (`euca_runtime.store.requests`)."""
 
 _FIELDS = ("type", "partition", "node", "host", "registered", "updated_ts")
 

@@ -258,6 +258,20 @@ class Ec2:
 
         return row_delete_op(table, [key])
 
+    def _done_ops(self, rid: str, action: str) -> list[dict[str, Any]]:
+        """Ops recording that request `rid` deletes something (`euca_runtime.store.requests`)."""
+        from euca_runtime.services.clc import CLC_REQUESTS
+
+        return CLC_REQUESTS.ops(self._cache(), rid, action, time.time())
+
+    def _deleted_by(self, rid: str, table: str, key: str) -> bool:
+        """Whether the record `key` is gone and request `rid` deleted it: the request's retry
+        (same request id, forwarded again across a clc failover) answers success, as the first
+        attempt did, instead of NotFound."""
+        from euca_runtime.services.clc import CLC_REQUESTS
+
+        return self._row(table, key) is None and CLC_REQUESTS.done(self._cache(), rid)
+
     # ------------------------------------------------------------------ zones
 
     def zones(self) -> list[str]:
@@ -909,7 +923,11 @@ class Ec2:
         await self._write([self._put("ec2_volume", {**row, "phase": "created"})])
         return v
 
-    async def _drive_delete_volume(self, vid: str, *, timeout: float = CALL_TIMEOUT) -> None:
+    async def _drive_delete_volume(
+        self, vid: str, *, timeout: float = CALL_TIMEOUT, done: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        """Delete a volume in phase ``deleting`` at its SC, then its record (with `done`: the
+        ops recording the request that deletes it, see `_deleted_by`)."""
         row = self._row("ec2_volume", vid)
         if row is None or row["phase"] != "deleting":
             return
@@ -919,7 +937,7 @@ class Ec2:
             if exc.kind != "InvalidVolume.NotFound":
                 await self._write([self._put("ec2_volume", {**row, "phase": "created"})])
                 raise
-        await self._write([self._delete("ec2_volume", vid)])
+        await self._write([self._delete("ec2_volume", vid), *done])
 
     def _volume_doc(self, row: Mapping[str, Any], v: Mapping[str, Any] | None) -> dict[str, Any]:
         if row["phase"] == "deleting":
@@ -1207,8 +1225,9 @@ class Ec2:
         self, caller: Mapping[str, Any], params: Mapping[str, Any], rid: str
     ) -> dict[str, Any]:
         vid = check_id("volume", _required(params, "VolumeId"))
-        row = self._owned(caller, "ec2_volume", vid, "InvalidVolume.NotFound", "volume")
         async with self._lock(vid):
+            if self._deleted_by(rid, "ec2_volume", vid):
+                return {"return": True}  # our own retry after a failover: the delete took effect
             row = self._owned(caller, "ec2_volume", vid, "InvalidVolume.NotFound", "volume")
             if row["phase"] == "created":
                 v = (await self._sc_volumes(row["zone"], [vid])).get(vid)
@@ -1217,10 +1236,11 @@ class Ec2:
                         "VolumeInUse",
                         f"Volume {vid} is currently attached to {v['attachment']['instance_id']}",
                     )
-                await self._write([self._put("ec2_volume", {**row, "phase": "deleting"})])
+                deleting = self._put("ec2_volume", {**row, "phase": "deleting"})
+                await self._write([deleting, *self._done_ops(rid, "DeleteVolume")])
             elif row["phase"] == "creating":
                 raise _err("IncorrectState", f"The volume '{vid}' is still being created.")
-            await self._drive_delete_volume(vid)
+            await self._drive_delete_volume(vid, done=self._done_ops(rid, "DeleteVolume"))
         log.info("volume deleted", extra={"volume": vid})
         return {"return": True}
 
@@ -1243,7 +1263,11 @@ class Ec2:
             raise
         await self._write([self._put("ec2_snapshot", {**row, "phase": "created"})])
 
-    async def _drive_delete_snapshot(self, sid: str, *, timeout: float = CALL_TIMEOUT) -> None:
+    async def _drive_delete_snapshot(
+        self, sid: str, *, timeout: float = CALL_TIMEOUT, done: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        """Delete a snapshot in phase ``deleting`` at its SC, then its record (with `done`, as
+        `_drive_delete_volume`)."""
         row = self._row("ec2_snapshot", sid)
         if row is None or row["phase"] != "deleting":
             return
@@ -1252,7 +1276,7 @@ class Ec2:
         except RequestError as exc:
             if exc.kind != "InvalidSnapshot.NotFound":
                 raise
-        await self._write([self._delete("ec2_snapshot", sid)])
+        await self._write([self._delete("ec2_snapshot", sid), *done])
 
     def _snapshot_doc(self, row: Mapping[str, Any], s: Mapping[str, Any] | None) -> dict[str, Any]:
         if row["phase"] == "creating" or (s is None and row["phase"] == "created"):
@@ -1357,12 +1381,19 @@ class Ec2:
     ) -> dict[str, Any]:
         sid = check_id("snapshot", _required(params, "SnapshotId"))
         async with self._lock(sid):
+            if self._deleted_by(rid, "ec2_snapshot", sid):
+                return {"return": True}  # our own retry after a failover: the delete took effect
             row = self._owned(caller, "ec2_snapshot", sid, "InvalidSnapshot.NotFound", "snapshot")
             if row["phase"] == "creating":
                 raise _err("IncorrectState", f"The snapshot '{sid}' is still being created.")
             if row["phase"] == "created":
-                await self._write([self._put("ec2_snapshot", {**row, "phase": "deleting"})])
-            await self._drive_delete_snapshot(sid)
+                await self._write(
+                    [
+                        self._put("ec2_snapshot", {**row, "phase": "deleting"}),
+                        *self._done_ops(rid, "DeleteSnapshot"),
+                    ]
+                )
+            await self._drive_delete_snapshot(sid, done=self._done_ops(rid, "DeleteSnapshot"))
         log.info("snapshot deleted", extra={"snapshot": sid})
         return {"return": True}
 

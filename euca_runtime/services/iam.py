@@ -384,13 +384,15 @@ class Identity:
         return name
 
     def _done(self, request_id: str) -> bool:
-        """Whether a delete with this request id already took effect (`ClcRequest`)."""
-        return self._cache().get("clc_request", request_id) is not None
+        """Whether a delete with this request id already took effect (`euca_runtime.store.requests`)."""
+        from euca_runtime.services.clc import CLC_REQUESTS
+
+        return CLC_REQUESTS.done(self._cache(), request_id)
 
     def _done_ops(self, request_id: str, action: str) -> list[dict[str, Any]]:
-        from euca_runtime.services.clc import request_done_ops
+        from euca_runtime.services.clc import CLC_REQUESTS
 
-        return request_done_ops(request_id, action, self._cache().items("clc_request"), time.time())
+        return CLC_REQUESTS.ops(self._cache(), request_id, action, time.time())
 
     def _existing_user(self, account: str, name: str) -> Mapping[str, Any]:
         row = self.user(account, name)

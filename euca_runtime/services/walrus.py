@@ -5,7 +5,9 @@ runs; the S3 front end on every hosting process calls them, see `euca_runtime.wa
 Every body carries ``account`` (the caller's account: bucket owner and access check). Errors
 are `RequestError(kind=<S3 error code>, message)`:
 
-- ``list_buckets``; ``create_bucket {bucket}``; ``head_bucket {bucket}``; ``delete_bucket {bucket}``;
+- ``list_buckets``; ``create_bucket {bucket}``; ``head_bucket {bucket}``; ``delete_bucket {bucket,
+  request_id}`` (a retry with the same ``request_id`` after the delete took effect answers
+  success, not ``NoSuchBucket``; the same for ``abort_multipart``);
 - ``put_small {bucket, key, data, ...put fields}``: a whole object (or part) of at most
   `CHUNK` bytes in one call (retried whole across a failover);
 - ``put_begin {bucket, key}`` -> ``{session}``, ``put_data {session, offset, data}`` (chunks of at
@@ -24,7 +26,7 @@ are `RequestError(kind=<S3 error code>, message)`:
 - ``list_objects {bucket, prefix, delimiter, max_keys, after}`` -> a page;
 - ``create_multipart {bucket, key, ...}`` -> ``{upload_id}``; ``list_parts {bucket, key,
   upload_id, marker, max_parts}``; ``complete_multipart {bucket, key, upload_id, parts}``;
-  ``abort_multipart {bucket, key, upload_id}``.
+  ``abort_multipart {bucket, key, upload_id, request_id}``.
 
 Byte replication (``peer_handlers``, called by the primary on each other member of the group,
 whatever its state): ``blob_begin {blob_id, epoch}``, ``blob_data {blob_id, offset, data}``,
@@ -69,6 +71,7 @@ from euca_runtime.walrus import s3
 from euca_runtime.walrus.blobs import BlobError, BlobStore, Digests, check_id
 from euca_runtime.walrus.model import (
     WALRUS,
+    WALRUS_REQUESTS,
     Blob,
     Object,
     Part,
@@ -424,10 +427,25 @@ class Walrus(Component):
         await self._fault_point()
         return _row(self._bucket(body))
 
+    def _done(self, body: Mapping[str, Any]) -> bool:
+        """Whether this request (its ``request_id``) already took effect: its retry across a
+        failover answers as the first attempt did (`euca_runtime.store.requests`)."""
+        cache = self.ctx.cache
+        assert cache is not None
+        return WALRUS_REQUESTS.done(cache, body.get("request_id"))
+
+    def _done_ops(self, body: Mapping[str, Any], action: str) -> list[dict[str, Any]]:
+        cache = self.ctx.cache
+        assert cache is not None
+        return WALRUS_REQUESTS.ops(cache, body.get("request_id"), action, time.time())
+
     async def delete_bucket(self, body: Any, info: RequestInfo) -> dict[str, Any]:
         await self._fault_point()
+        if self._done(body):
+            return {}
         self._bucket(body)
-        await self._write([{"op": "delete", "table": "buckets", "name": _s(body, "bucket")}], info)
+        op = {"op": "delete", "table": "buckets", "name": _s(body, "bucket")}
+        await self._write([op, *self._done_ops(body, "DeleteBucket")], info)
         return {}
 
     # -- puts
@@ -850,8 +868,11 @@ class Walrus(Component):
 
     async def abort_multipart(self, body: Any, info: RequestInfo) -> dict[str, Any]:
         await self._fault_point()
+        if self._done(body):
+            return {}
         up = self._upload(body)
-        await self._write([{"op": "delete", "table": "uploads", "upload_id": up["upload_id"]}], info)
+        op = {"op": "delete", "table": "uploads", "upload_id": up["upload_id"]}
+        await self._write([op, *self._done_ops(body, "AbortMultipartUpload")], info)
         return {}
 
 

@@ -269,7 +269,8 @@ class S3Frontend:
                 await self.call("head_bucket", {"bucket": ctx.bucket, "account": ctx.account})
                 return web.Response(headers={"x-amz-bucket-region": REGION})
             if m == "DELETE":
-                await self.call("delete_bucket", {"bucket": ctx.bucket, "account": ctx.account})
+                body = {"bucket": ctx.bucket, "account": ctx.account, "request_id": ctx.rid}
+                await self.call("delete_bucket", body)
                 return web.Response(status=204)
             if m == "GET" and "location" in q:
                 await self.call("head_bucket", {"bucket": ctx.bucket, "account": ctx.account})
@@ -300,6 +301,7 @@ class S3Frontend:
                         "key": ctx.key,
                         "upload_id": q["uploadId"],
                         "account": ctx.account,
+                        "request_id": ctx.rid,
                     },
                 )
             else:

@@ -10,7 +10,9 @@ Tables:
   reference count (objects and parts share blobs after CopyObject and
   CompleteMultipartUpload);
 - ``uploads`` (upload_id, bucket, key, initiated, owner, content_type, meta, headers);
-- ``parts`` ((upload_id, part_number), blob_id, size, etag, last_modified).
+- ``parts`` ((upload_id, part_number), blob_id, size, etag, last_modified);
+- ``walrus_request`` (request_id, action, created_ts): deletes done, by request id, so a retry
+  across a failover gets the first answer (`euca_runtime.store.requests`, its own ops).
 
 Ops (every op dict has "table" and "op"; every field explicit so replicas agree exactly):
 
@@ -49,6 +51,7 @@ from sqlalchemy import BigInteger, Float, Integer, String, Text, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from euca_runtime.store import ApplyContext, ComponentSpec, StoreError, register_component
+from euca_runtime.store.requests import RequestRowMixin, register_request_table
 from euca_runtime.walrus.blobs import BlobStore
 
 
@@ -112,8 +115,16 @@ class Part(WalrusBase):
     last_modified: Mapped[float] = mapped_column(Float, nullable=False)
 
 
+class WalrusRequest(RequestRowMixin, WalrusBase):
+    """A request that deleted something (DeleteBucket, AbortMultipartUpload), by its request id
+    (Alembic ``walrus_0002``; `euca_runtime.store.requests`)."""
+
+    __tablename__ = "walrus_request"
+
+
 WALRUS = register_component(ComponentSpec("walrus", WalrusBase.metadata, lazy_tables=("objects", "blobs")))
 """Objects and blobs can be many: filled on demand; buckets, uploads and parts are warm."""
+WALRUS_REQUESTS = register_request_table(WALRUS, WalrusRequest)
 
 _OBJ_FIELDS = ("size", "etag", "last_modified", "content_type", "meta", "headers", "segments")
 _UPLOAD_FIELDS = ("bucket", "key", "initiated", "owner", "content_type", "meta", "headers")

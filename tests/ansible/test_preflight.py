@@ -46,6 +46,11 @@ def site(inventory: str, *extra: str) -> subprocess.CompletedProcess[str]:
         ("forbidden_pair.yml", r"h-b: is both arbitrator and clc .*euca_preflight_forbidden_pairs"),
         ("cluster_without_sc.yml", r"cluster c1: needs at least one host in group cc_c1 .* sc_c1 \(has 0\)"),
         ("missing_routes.yml", r"h-c: euca_arbitrator_routes is missing or incomplete"),
+        (
+            "route_unknown_node.yml",
+            r"h-c: euca_arbitrator_routes\[0\] \(users\)\.nodes: h-z is not a host of the inventory",
+        ),
+        ("no_witness.yml", r"arbitrator: every arbitrator host \(h-a, h-b\) also runs one of clc, walrus"),
         ("nc_two_clusters.yml", r"h-c: is in nc_c1 and nc_c2; a nc belongs to one cluster"),
         (
             "unreachable.yml",

@@ -36,8 +36,8 @@ def summary(result: dict) -> str:
 
 @pytest.mark.parametrize(
     ("kinds", "fails_over"),
-    [(["kill9"], True), (["sigstop"], True), (["partition-backup"], False)],
-    ids=["kill9", "sigstop-past-lease", "partition-primary-backup"],
+    [(["kill9"], True), (["sigstop"], True), (["user-route"], True), (["partition-backup"], False)],
+    ids=["kill9", "sigstop-past-lease", "user-route-cut", "partition-primary-backup"],
 )
 def test_quick_schedule(cloud: Cloud, tmp_path: Path, kinds: list[str], fails_over: bool) -> None:
     plan = Plan(seed=7, steps=named_schedule(kinds, 7, duration=5.0), mix=Mix(limit=150), settle=2.0)
@@ -50,3 +50,10 @@ def test_quick_schedule(cloud: Cloud, tmp_path: Path, kinds: list[str], fails_ov
     assert step["started"] == kinds, step
     if fails_over:
         assert any(v is not None for v in step["failover_s"].values()), step
+    if kinds == ["user-route"]:
+        # The primary's users lost it: its route watcher saw the route DOWN, so the target group's
+        # primary moved to the backup (whose route works) and stays there (failback: manual).
+        fault = step["faults"][0]
+        assert step["failover_s"].get(f"user-route:{fault['group']}") is not None, step
+        groups = {g["group"]: g for g in cloud.hosts.groups("h3") or []}
+        assert groups[fault["group"]]["enabled"][0].split(".", 1)[0] == fault["backup"], groups

@@ -136,6 +136,15 @@ class Cloud:
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run_ctl("--dir", str(self.root), *args)
 
+    def bus_call(
+        self, via: str, type_: str, method: str, body: dict[str, Any], partition: str | None = None
+    ) -> tuple[int, Any]:
+        """One bus call through `via`'s admin API (``POST /v1/call``), as a front end makes it:
+        held and retried across a failover; (HTTP status, ``{result}`` or ``{error, message}``)."""
+        doc = {"type": type_, "partition": partition, "method": method, "body": body, "timeout": 20}
+        status, raw = http("POST", f"{self.admin_url(via)}/v1/call", json.dumps(doc).encode(), self.token, 30)
+        return status, json.loads(raw)
+
     def all_pids(self) -> list[int]:
         pids = []
         for node in self.layout.nodes:

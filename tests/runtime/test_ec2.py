@@ -326,3 +326,59 @@ def test_kill9_of_an_sc_primary_alone_then_its_return(ha_cloud: Cloud) -> None:
         return vols, {p.name for p in (root / "snapshots").iterdir()}
 
     wait_until(lambda: files("node-b") == files("node-a") == (volumes, snaps), timeout=30, what="same files")
+
+
+def test_deletes_retried_after_a_failover_get_the_first_answer(ha_cloud: Cloud) -> None:
+    """DeleteSnapshot, DeleteVolume and TerminateInstances that took effect on the old clc
+    primary, retried with the same request id at the new one (what the EC2 front end's bus call
+    does when the answer is lost with the primary), answer success, not
+    InvalidSnapshot.NotFound / InvalidVolume.NotFound. A new request for the same snapshot or
+    volume still gets the EC2 error; terminating a terminated instance succeeds anyway (EC2)."""
+
+    def settled() -> bool:
+        s = {x["name"]: x for x in ha_cloud.services()}
+        return s["node-a.clc"]["state"] == "ENABLED" and bool(s["node-b.clc"]["in_sync"])
+
+    wait_until(settled, timeout=30, what="clc HA settled")
+    ec2 = client(ha_cloud, "node-a")
+    iid = run_one(ec2)
+    vid = ec2.create_volume(AvailabilityZone=ZONE, Size=1)["VolumeId"]
+    wait_until(
+        lambda: ec2.describe_volumes(VolumeIds=[vid])["Volumes"][0]["State"] == "available",
+        timeout=30,
+        what=f"{vid} available",
+    )
+    sid = ec2.create_snapshot(VolumeId=vid)["SnapshotId"]
+    wait_until(
+        lambda: ec2.describe_snapshots(SnapshotIds=[sid])["Snapshots"][0]["State"] == "completed",
+        timeout=30,
+        what=f"{sid} completed",
+    )
+
+    def action(via: str, name: str, params: dict[str, str], rid: str) -> tuple[int, Any]:
+        caller = {"account": "eucalyptus", "user": "admin"}
+        body = {"action": name, "params": params, "caller": caller, "request_id": rid}
+        return ha_cloud.bus_call(via, "clc", "ec2.action", body)
+
+    deletes = [
+        ("DeleteSnapshot", {"SnapshotId": sid}, "InvalidSnapshot.NotFound"),
+        ("DeleteVolume", {"VolumeId": vid}, "InvalidVolume.NotFound"),
+        ("TerminateInstances", {"InstanceId.1": iid}, None),
+    ]
+    for name, params, _ in deletes:
+        status, out = action("node-a", name, params, f"rq-{name}")
+        assert status == 200, (name, out)
+    os.kill(ha_cloud.pid("node-a"), signal.SIGKILL)
+    wait_until(
+        lambda: ha_cloud.enabled("clc", via="node-b") == "node-b.clc", timeout=30, what="node-b.clc ENABLED"
+    )
+    for name, params, error in deletes:
+        status, out = action("node-b", name, params, f"rq-{name}")
+        assert status == 200, (name, out)
+        status, out = action("node-b", name, params, f"rq-{name}-new")
+        if error is None:
+            assert status == 200, (name, out)
+            state = out["result"]["instancesSet"][0]["currentState"]["name"]
+            assert state in ("shutting-down", "terminated"), out
+        else:
+            assert out.get("error") == error, (name, out)

@@ -848,3 +848,43 @@ def test_aws_cli_cp_100mib_and_sync_through_s3_urls_after_kill9(ha_cloud: Cloud,
     want = {p.relative_to(tree): p.read_bytes() for p in tree.rglob("*") if p.is_file()}
     assert got == want
     assert ha_cloud.enabled("walrus", via="node-b") == "node-b.walrus"
+
+
+def test_deletes_retried_after_a_failover_get_the_first_answer(ha_cloud: Cloud) -> None:
+    """A DeleteBucket and an AbortMultipartUpload that took effect on the old primary, retried
+    with the same request id at the new one (what the S3 front end's bus call does when the
+    answer is lost with the primary), answer success, not NoSuchBucket / NoSuchUpload. A new
+    request for the same bucket or upload still gets the S3 error, through boto3 too."""
+    p, b = wait_until(lambda: _roles(ha_cloud), what="HA settled")
+    s3 = client(ha_cloud, p)
+    s3.create_bucket(Bucket="gone")
+    s3.create_bucket(Bucket="uploads")
+    upload = s3.create_multipart_upload(Bucket="uploads", Key="k")["UploadId"]
+    status, out = ha_cloud.bus_call(p, "walrus", "list_buckets", {})
+    assert status == 200, out
+    owner = next(r["owner"] for r in out["result"] if r["name"] == "gone")
+    deletes = {
+        "delete_bucket": ({"bucket": "gone", "account": owner}, "NoSuchBucket"),
+        "abort_multipart": (
+            {"bucket": "uploads", "key": "k", "upload_id": upload, "account": owner},
+            "NoSuchUpload",
+        ),
+    }
+    for method, (body, _) in deletes.items():
+        status, out = ha_cloud.bus_call(p, "walrus", method, {**body, "request_id": f"rq-{method}"})
+        assert status == 200, out
+    os.kill(ha_cloud.pid(p), signal.SIGKILL)
+    wait_until(lambda: ha_cloud.enabled("walrus", via=b) == f"{b}.walrus", timeout=30, what="failover")
+    for method, (body, error) in deletes.items():
+        status, out = ha_cloud.bus_call(b, "walrus", method, {**body, "request_id": f"rq-{method}"})
+        assert status == 200, (method, out)
+        status, out = ha_cloud.bus_call(b, "walrus", method, {**body, "request_id": f"rq-{method}-new"})
+        assert out.get("error") == error, (method, out)
+    s3b = client(ha_cloud, b, attempts=1)
+    with pytest.raises(ClientError) as info:
+        s3b.delete_bucket(Bucket="gone")
+    assert code(info.value) == "NoSuchBucket"
+    with pytest.raises(ClientError) as info:
+        s3b.abort_multipart_upload(Bucket="uploads", Key="k", UploadId=upload)
+    assert code(info.value) == "NoSuchUpload"
+    s3b.delete_bucket(Bucket="uploads")

@@ -22,9 +22,9 @@ CC_UNIT = "euca-cc@cluster01.service"
 # What each host runs, from inventories/demo/topology.yml (the first host of a group is primary).
 COMPONENTS = {
     "h1": {("clc", None, "primary"), ("kv", None, "primary"), ("walrus", None, "primary")}
-    | {("cc", "cluster01", "primary"), ("sc", "cluster01", "primary")},
+    | {("cc", "cluster01", "primary"), ("sc", "cluster01", "primary"), ("arbitrator", None, "backup")},
     "h2": {("clc", None, "backup"), ("kv", None, "backup"), ("walrus", None, "backup")}
-    | {("cc", "cluster01", "backup"), ("sc", "cluster01", "backup")},
+    | {("cc", "cluster01", "backup"), ("sc", "cluster01", "backup"), ("arbitrator", None, "backup")},
     "h3": {("arbitrator", None, "primary"), ("nc", "cluster01", "primary")},
 }
 REPLICATED = {"clc", "kv", "walrus", "cc/cluster01", "sc/cluster01"}
@@ -145,11 +145,13 @@ def test_config_follows_the_topology(host):
     assert cfg["admin"] == f"127.0.0.1:{ADMIN}"
     got = {(c["type"], c.get("partition"), c["role"]) for c in cfg["components"]}
     assert got == COMPONENTS[name]
+    assert [r["targets"] for r in cfg["routes"]] == [[{"icmp": subnet_address(host, 254)}]]
     if name == "h3":
-        assert [r["name"] for r in cfg["routes"]] == ["users"]
-        assert cfg["routes"][0]["targets"] == [{"icmp": subnet_address(host, 254)}]
+        assert [(r["name"], r["nodes"]) for r in cfg["routes"]] == [("users", [])]  # the witness
         assert not cfg.get("vips")
     else:
+        # h1 and h2 watch their own route to the users: a DOWN route moves their primaries.
+        assert [(r["name"], r["nodes"]) for r in cfg["routes"]] == [(f"users-{name}", [name])]
         vips = {v["group"]: v["address"] for v in cfg["vips"]}
         assert vips == {"walrus": f"{subnet_address(host, 100)}/24", "clc": f"{subnet_address(host, 101)}/24"}
 
