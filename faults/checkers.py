@@ -405,14 +405,20 @@ def recovered(groups: Sequence[Mapping[str, Any]], expected: Iterable[str] = ())
 
 
 def failover_time(
-    group_samples: Sequence[Mapping[str, Any]], group: str, start: float, epoch_before: int
+    group_samples: Sequence[Mapping[str, Any]],
+    group: str,
+    start: float,
+    epoch_before: int,
+    end: float | None = None,
 ) -> float | None:
     """Seconds from `start` (the fault) to the first describe-groups sample that shows `group`
-    with one ENABLED instance at an epoch above `epoch_before` (None: no failover was seen)."""
+    with one ENABLED instance at an epoch above `epoch_before` (None: no failover was seen).
+    Only samples taken before `end` (the next step's start) count: a failover that the next
+    fault caused is not this step's."""
     seen = [
         float(s["t1"])
         for s in group_samples
-        if float(s["t0"]) >= start
+        if float(s["t0"]) >= start and (end is None or float(s["t1"]) <= end)
         for g in s.get("groups") or []
         if g.get("group") == group
         and len(g.get("enabled") or []) == 1

@@ -166,11 +166,12 @@ def _check(
         checks["ec2"] = chk.ec2_checker(ops, finals["ec2"], ec2_before)
     checks["dual_writer"] = chk.dual_writer_checker(services, groups)
     checks["fence"] = chk.fence_checker(final_fences(cloud.hosts, cloud.names))
-    for info in steps:
+    for i, info in enumerate(steps):
         end = info["recovered_at"] if info["recovered_at"] is not None else info["healed_at"]
+        next_at = steps[i + 1]["at"] if i + 1 < len(steps) else None
         info["failover_s"] = {
             f"{f['kind']}:{f['group']}": chk.failover_time(
-                groups, f["group"], info["at"], int(f.get("epoch_before", 0))
+                groups, f["group"], info["at"], int(f.get("epoch_before", 0)), next_at
             )
             for f in info["faults"]
             if "epoch_before" in f

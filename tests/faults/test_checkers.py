@@ -276,3 +276,18 @@ def test_recovered() -> None:
     lagging = json.loads(json.dumps(healthy))
     lagging[0]["instances"][1]["in_sync"] = False
     assert c.unhealthy_groups(lagging) == ["clc"]
+
+
+def _groups_sample(t: float, epoch: int) -> dict:
+    return {"t0": t, "t1": t + 0.1, "groups": [{"group": "walrus", "enabled": ["h1.walrus"], "epoch": epoch}]}
+
+
+def test_failover_time_is_the_first_sample_at_a_newer_epoch_within_the_step():
+    samples = [_groups_sample(t, 16) for t in (51.0, 52.0, 55.0, 58.0)] + [_groups_sample(60.6, 19)]
+    # the step started at 52; the next one at 59 (it caused the epoch 19): none is this step's
+    assert c.failover_time(samples, "walrus", 52.0, 16, end=59.0) is None
+    # without a next step, the new epoch counts
+    assert c.failover_time(samples, "walrus", 52.0, 16) == 8.7
+    # a sample from before the fault never counts, nor another group
+    assert c.failover_time(samples, "walrus", 61.0, 16) is None
+    assert c.failover_time(samples, "clc", 52.0, 0) is None
