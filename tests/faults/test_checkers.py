@@ -291,3 +291,35 @@ def test_failover_time_is_the_first_sample_at_a_newer_epoch_within_the_step():
     # a sample from before the fault never counts, nor another group
     assert c.failover_time(samples, "walrus", 61.0, 16) is None
     assert c.failover_time(samples, "clc", 52.0, 0) is None
+
+
+def test_summary_tables_runs_and_fault_kinds(tmp_path: Path):
+    from faults import summary
+
+    step = {
+        "at": 10.0,
+        "faults": [{"kind": "kill9", "group": "clc", "epoch_before": 3}],
+        "failover_s": {"kill9:clc": 1.5},
+        "recovery_s": 2.0,
+    }
+    degrade = {
+        "at": 20.0,
+        "faults": [{"kind": "degrade", "group": "clc", "epoch_before": 4, "delay_ms": 50, "loss_pct": 1}],
+        "failover_s": {"degrade:clc": None},
+        "recovery_s": 0.5,
+    }
+    doc = {
+        "seed": 7,
+        "label": "x-7",
+        "steps": [step, degrade],
+        "anomalies": [],
+        "recovered": True,
+        "valid": True,
+    }
+    path = tmp_path / "x-7.json"
+    path.write_text(json.dumps(doc))
+    text = summary.summarize([path])
+    assert "| 7 | 2 | none | yes | yes |" in text
+    assert "| kill9 | 1 | 1 | 0 | 1.50 / 1.50 / 1.50 | 2.00 / 2.00 / 2.00 |" in text
+    assert "| degrade 50 ms / 1 % | 1 | 0 | 1 | - |" in text
+    assert summary.main([str(tmp_path / "missing.json")]) == 2
