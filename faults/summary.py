@@ -1,8 +1,9 @@
 """`python -m faults.summary RESULT.json [RESULT.json ...]`: what several fault runs showed, as
 Markdown for docs/reliability.md.
 
-Per run: seed, steps, anomalies, recovered. Over all runs, per fault kind (a step of two faults
-counts for both): how many steps, failover time (fault start to the first sample of the group
+Per run: seed, steps, anomalies, recovered. Over all runs, per fault kind of the single-fault
+steps, and one row for the steps of two faults at once (each of their faulted groups counted):
+how many steps, failover time (fault start to the first sample of the group
 ENABLED at a newer epoch, before the next step started; recomputed from the run's samples file
 when it is there, so results written before that bound existed read the same) and recovery
 time (heal to every group back to one ENABLED and in-sync DISABLED), each as p50 / p90 / max.
@@ -28,6 +29,12 @@ def _groups_samples(result_file: Path, result: dict[str, Any]) -> list[dict[str,
         return None
     with open(path, encoding="utf-8") as f:
         return [s for s in map(json.loads, f) if "groups" in s]
+
+
+def _label(fault: dict[str, Any]) -> str:
+    if fault["kind"] == "degrade":
+        return f"degrade {fault.get('delay_ms')} ms / {fault.get('loss_pct')} %"
+    return str(fault["kind"])
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -60,13 +67,12 @@ def summarize(files: Sequence[Path]) -> str:
         )
         for i, step in enumerate(steps):
             next_at = steps[i + 1]["at"] if i + 1 < len(steps) else None
+            kinds = [_label(f) for f in step["faults"]]
+            kind = kinds[0] if len(kinds) == 1 else "two faults at once (any pair)"
+            steps_by_kind[kind] += 1
+            if step.get("recovery_s") is not None:
+                recovery[kind].append(float(step["recovery_s"]))
             for fault in step["faults"]:
-                kind = fault["kind"]
-                if kind == "degrade":
-                    kind = f"degrade {fault.get('delay_ms')} ms / {fault.get('loss_pct')} %"
-                steps_by_kind[kind] += 1
-                if step.get("recovery_s") is not None:
-                    recovery[kind].append(float(step["recovery_s"]))
                 if "epoch_before" not in fault:
                     continue
                 if samples is not None:
