@@ -6,19 +6,21 @@ The HA demo cloud on three testbed hosts, deployed as the fault suite deploys it
 h1 and h2 primary and backup of clc (with kv), walrus, cc and sc, h3 arbitrator and NC. Filled
 through the user APIs with boto3: `users` IAM users and `objects` S3 objects of `object_kib`
 KiB (the size reached is read back). Then, while the fault suite's S3 and IAM clients keep
-writing through every URL of the eucarc, `trials` times: the walrus primary's host is
-partitioned from the other data host (the fault suite's `partition-backup`, faults/nemesis.py:
-`testbed partition`) for `partition_seconds`, so the backups fall behind, then healed; recovery
-time = from the heal until every host's describe-groups shows every group with one ENABLED
-instance and every other DISABLED and in sync (faults/observe.py `wait_recovered`, the fault
-suite's own measure). `wait_recovered` asks the three hosts one after the other over SSH, so a
-time is late by at most one such round; the round's duration is measured after each trial and
-reported as the resolution. Requests of the writer that did not succeed are counted per trial.
-The bed is removed at the end, also on failure. Needs root and the testbed.
+writing through the service VIPs (the eucarc's first URL per API), `trials` times: the walrus
+primary's host is partitioned from the other data host (the fault suite's `partition-backup`,
+faults/nemesis.py: `testbed partition`) for `partition_seconds`, so the backups fall behind,
+then healed; recovery time = from the heal until every host's describe-groups shows every
+group with one ENABLED instance and every other DISABLED and in sync (faults/observe.py
+`wait_recovered`, the fault suite's own measure). `wait_recovered` asks the three hosts one
+after the other over SSH, so a time is late by at most one such round; the round's duration is
+measured after each trial and reported as the resolution. Requests of the writer that did not
+succeed are counted per trial. The bed is removed at the end, also on failure. Needs root and
+the testbed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -100,7 +102,11 @@ def run(
         store = _store.fill(cloud.endpoints, USER_PREFIX, BUCKET, users, objects, object_kib * 1024)
         budget = trials * (partition_seconds + SETTLE_S + 2 * RECOVERY_TIMEOUT) + 120
         res: list[dict[str, Any]] = []
-        with _store.Traffic(cloud.endpoints, "bsrec", budget) as traffic:
+        # The writer uses the first URL of each API, the service VIP (held by the primary's
+        # host), as a client given one address does: through the partitioned backup's own
+        # address every request would hang until its timeout.
+        vips = dataclasses.replace(cloud.endpoints, iam=cloud.endpoints.iam[:1], s3=cloud.endpoints.s3[:1])
+        with _store.Traffic(vips, "bsrec", budget) as traffic:
             ctx = Ctx(bed, cloud.hosts, cloud.names, traffic.history, random.Random(0))
             try:
                 for _ in range(trials):
