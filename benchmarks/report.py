@@ -347,6 +347,14 @@ def _writer(w: dict[str, Any] | None) -> str:
     return text + f" (target 0: **NOT met**; first: {'; '.join(w['first_errors'][:2])})"
 
 
+def _failed(w: dict[str, Any] | None) -> str:
+    """'N of M requests' of a background writer, with the first failure when there was one."""
+    if not w:
+        return "n/a"
+    first = f" (first: {w['first_errors'][0]})" if w["errors"] and w.get("first_errors") else ""
+    return f"{w['errors']} of {w['ok'] + w['errors']} requests{first}"
+
+
 def t_add_backup(r: dict[str, Any]) -> str:
     per_group = ", ".join(f"{g} {s} s" for g, s in sorted(r["in_sync_seconds_per_group"].items()))
     registered = ", ".join(f"{g} {s} s" for g, s in sorted(r["registered_seconds"].items()))
@@ -398,6 +406,7 @@ def t_recovery(r: dict[str, Any]) -> str:
             f"{_f(poll.get('p50', 'n/a'), 2)} s ({_f(poll.get('max', 'n/a'), 2)} s) |",
             f"| writes acknowledged during each partition | {writes} |",
             f"| writer requests that failed, partition to recovery, all trials | {r['client_errors']} |",
+            f"| writer requests that failed, whole run | {_failed(r.get('writer'))} |",
             "",
             f"Target: every trial back to full redundancy within {r['targets']['recovery_max_s']:g} s of "
             f"the heal: **{_f(rec['met'])}**{missed}.",

@@ -47,6 +47,7 @@ def test_the_template_renders_with_every_figure(results: dict[str, Any], tmp_pat
     assert "| S3 objects: asked, held | 1000 x 4.0 KiB, 1000 objects, 3.9 MiB (filled" in page
     assert "| requests that failed while filling | **2** |" in page  # the recovery fixture's fill
     assert "within 10 s of the heal: **NOT met**." in page
+    assert "| writer requests that failed, whole run | 0 of 900 requests |" in page
 
 
 def test_benchmarks_not_run_are_named_not_drawn(tmp_path: Path) -> None:
