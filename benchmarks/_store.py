@@ -230,6 +230,6 @@ class Traffic:
         return {
             "ok": len(ops) - len(bad),
             "errors": len(bad),
-            "first_errors": [f"{o.f} {o.key}: {o.result} {o.error}" for o in bad[:5]],
+            "first_errors": [f"{o.f} {o.key} at {o.invoke:.1f} s: {o.result} {o.error}" for o in bad[:5]],
             **({"crashed": crashed} if crashed else {}),
         }

@@ -81,6 +81,10 @@ def _trial(ctx: Ctx, traffic: _store.Traffic, partition_seconds: float) -> dict[
         "partitioned": f"{info['faults'][0]['primary']} | {info['faults'][0]['backup']}",
         "writes_during_partition": during["ok"],
         "client_errors": traffic.summary(float(info["at"]), recovered or ctx.history.now())["errors"],
+        # on the writer's history clock, to place its errors (`first_errors` give their time)
+        "partition_at": round(float(info["at"]), 2),
+        "healed_at": round(healed, 2),
+        "recovered_at": None if recovered is None else round(recovered, 2),
         "poll_round_s": round(_round_seconds(ctx.hosts, ctx.names), 2),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
