@@ -64,7 +64,7 @@ def _round_seconds(hosts: Hosts, names: list[str]) -> float:
     return time.monotonic() - t0
 
 
-def _trial(ctx: Ctx, traffic: _store.Traffic, partition_seconds: float) -> dict[str, Any]:
+def _trial(ctx: Ctx, partition_seconds: float) -> dict[str, Any]:
     at, bad = wait_recovered(ctx.hosts, ctx.names, ctx.history, GROUPS, RECOVERY_TIMEOUT)
     if at is None:
         raise RuntimeError(f"the cloud is not redundant before the trial: {bad}")
@@ -74,13 +74,10 @@ def _trial(ctx: Ctx, traffic: _store.Traffic, partition_seconds: float) -> dict[
         raise RuntimeError(f"the partition did not start: {info}")
     healed = float(info["healed_at"])
     recovered, unhealthy = wait_recovered(ctx.hosts, ctx.names, ctx.history, GROUPS, RECOVERY_TIMEOUT)
-    during = traffic.summary(float(info["at"]), healed)
     return {
         "recovery_s": None if recovered is None else round(recovered - healed, 2),
         "unhealthy_at_timeout": unhealthy,
         "partitioned": f"{info['faults'][0]['primary']} | {info['faults'][0]['backup']}",
-        "writes_during_partition": during["ok"],
-        "client_errors": traffic.summary(float(info["at"]), recovered or ctx.history.now())["errors"],
         # on the writer's history clock, to place its errors (`first_errors` give their time)
         "partition_at": round(float(info["at"]), 2),
         "healed_at": round(healed, 2),
@@ -114,12 +111,19 @@ def run(
             ctx = Ctx(bed, cloud.hosts, cloud.names, traffic.history, random.Random(0))
             try:
                 for _ in range(trials):
-                    res.append(_trial(ctx, traffic, partition_seconds))
+                    res.append(_trial(ctx, partition_seconds))
                     if res[-1]["recovery_s"] is None:
                         break  # a cloud that did not recover: more partitions would pile up on it
             finally:
                 heal_all(ctx)
-            writer = traffic.summary()
+        # Counted once the writer stopped: a request still in flight when a trial ended (held
+        # until its timeout) is in the history only once it completed.
+        for t in res:
+            end = t["recovered_at"] if t["recovered_at"] is not None else t["healed_at"] + RECOVERY_TIMEOUT
+            t["writes_during_partition"] = traffic.summary(t["partition_at"], t["healed_at"])["ok"]
+            window = traffic.summary(t["partition_at"], end)
+            t["client_errors"], t["first_errors"] = window["errors"], window["first_errors"]
+        writer = traffic.summary()
     finally:
         if hosts is not None:
             hosts.close()
