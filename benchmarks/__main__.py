@@ -37,6 +37,8 @@ BENCHMARKS = {
     "failover_timeline": "benchmarks.failover_timeline",
     "site_yml": "benchmarks.site_yml",
     "machine_kill": "benchmarks.machine_kill",
+    "add_backup": "benchmarks.add_backup",
+    "recovery": "benchmarks.recovery",
 }
 
 

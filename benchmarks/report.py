@@ -317,6 +317,103 @@ def t_machine_kill(r: dict[str, Any]) -> str:
     )
 
 
+def _size(n: Any) -> str:
+    """Bytes as KiB below a MiB, else MiB."""
+    if not isinstance(n, int):
+        return "n/a"
+    return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MiB"
+
+
+def _store_rows(store: dict[str, Any]) -> list[str]:
+    """Rows of the store a benchmark filled: the target, what the cloud held, the fill's speed."""
+    t, got, u, o = store["target"], store["reached"], store["users"], store["objects"]
+    errors = u["errors"] + o["errors"]
+    return [
+        f"| IAM users (CreateUser): asked, held | {t['users']}, {got['users']} "
+        f"(filled in {u['seconds']} s) |",
+        f"| S3 objects: asked, held | {t['objects']} x {_size(t['object_bytes'])}, {got['objects']} objects, "
+        f"{_size(got['bytes'])} (filled in {o['seconds']} s, {o.get('mib_per_s')} MiB/s) |",
+        *([f"| requests that failed while filling | **{errors}** |"] if errors else []),
+    ]
+
+
+def _writer(w: dict[str, Any] | None) -> str:
+    """'N of M requests (target 0: met)' of a benchmark's background writer."""
+    if not w:
+        return "no writer in this run"
+    text = f"{w['errors']} of {w['ok'] + w['errors']} requests"
+    if not w["errors"]:
+        return text + " (target 0: **met**)"
+    return text + f" (target 0: **NOT met**; first: {'; '.join(w['first_errors'][:2])})"
+
+
+def _failed(w: dict[str, Any] | None) -> str:
+    """'N of M requests' of a background writer, with the first failure when there was one."""
+    if not w:
+        return "n/a"
+    first = f" (first: {w['first_errors'][0]})" if w["errors"] and w.get("first_errors") else ""
+    return f"{w['errors']} of {w['ok'] + w['errors']} requests{first}"
+
+
+def t_add_backup(r: dict[str, Any]) -> str:
+    per_group = ", ".join(f"{g} {s} s" for g, s in sorted(r["in_sync_seconds_per_group"].items()))
+    registered = ", ".join(f"{g} {s} s" for g, s in sorted(r["registered_seconds"].items()))
+    poll = r["poll_seconds"]
+    return "\n".join(
+        [
+            f"{r['hosts']} testbed hosts; the non-HA cloud deployed by site.yml in {r['deploy_seconds']} s.",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            *_store_rows(r["store"]),
+            f"| site.yml run that adds h2 (inventory edit) | {r['site_yml_seconds']} s |",
+            f"| h2's instances registered, from the start of that run | {registered or 'n/a'} |",
+            f"| h2 DISABLED and in sync, per group | {per_group or 'n/a'} |",
+            "| **every group in sync on h2, from the start of site.yml** | "
+            f"**{_f(r['in_sync_seconds'], 1)} s** |",
+            "| resolution: one describe-groups poll over SSH, median (max) | "
+            f"{_f(poll.get('p50', 'n/a'), 2)} s ({_f(poll.get('max', 'n/a'), 2)} s) |",
+            f"| writer (S3 + IAM through h1) requests that failed meanwhile | {_writer(r.get('writer'))} |",
+            f"| load average at the edit, at in sync | {r['loadavg_at_edit']}, {r['loadavg_at_sync']} |",
+        ]
+    )
+
+
+def t_recovery(r: dict[str, Any]) -> str:
+    rec = r["recovery"]
+    s = rec["seconds"]
+    poll = r["poll_round_seconds"]
+    samples = ", ".join("not recovered" if x is None else f"{x}" for x in rec["samples"])
+    writes = ", ".join(map(str, r["writes_during_partition"]))
+    missed = (
+        f" ({rec['not_recovered']} trial(s) did not recover within the timeout)"
+        if rec["not_recovered"]
+        else ""
+    )
+    return "\n".join(
+        [
+            f"{r['trials_run']} of {r['trials']} trials on {r['hosts']} testbed hosts (deployed by "
+            f"site.yml in {r['deploy_seconds']} s); each a {r['partition_seconds']:g} s partition of "
+            "the walrus primary's host from the other data host under writes, then the heal.",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            *_store_rows(r["store"]),
+            f"| recovery, heal to every group redundant: p50 (min-max) | {_s(s, ' s', 2)} |",
+            f"| recovery p99 / max | {_f(s.get('p99', 'n/a'), 2)} s / {_f(s.get('max', 'n/a'), 2)} s |",
+            f"| every trial (s) | {samples} |",
+            "| resolution: one describe-groups round over the 3 hosts, median (max) | "
+            f"{_f(poll.get('p50', 'n/a'), 2)} s ({_f(poll.get('max', 'n/a'), 2)} s) |",
+            f"| writes acknowledged during each partition | {writes} |",
+            f"| writer requests that failed, partition to recovery, all trials | {r['client_errors']} |",
+            f"| writer requests that failed, whole run | {_failed(r.get('writer'))} |",
+            "",
+            f"Target: every trial back to full redundancy within {r['targets']['recovery_max_s']:g} s of "
+            f"the heal: **{_f(rec['met'])}**{missed}.",
+        ]
+    )
+
+
 SITE_SETTINGS = {
     "default": "ansible.cfg as committed (pipelining, ControlPersist 120 s, forks 20)",
     "no_pipelining": "pipelining off",
@@ -370,6 +467,8 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "failover_timeline": t_failover_timeline,
     "site_yml": t_site_yml,
     "machine_kill": t_machine_kill,
+    "add_backup": t_add_backup,
+    "recovery": t_recovery,
 }
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from benchmarks import report
+from benchmarks import add_backup, recovery, report
 
 FIXTURE = Path(__file__).parent / "data" / "bench_result.json"
 
@@ -34,6 +34,20 @@ def test_the_template_renders_with_every_figure(results: dict[str, Any], tmp_pat
     assert "| rerun, pipelining off | 90.0 (90.0-90.0) | 1.50x | 0 |" in page
     assert "**Not idempotent on 3 hosts**" in page and "`no_controlpersist: euca_runtime : Render" in page
     assert "| machine kill of the kv primary's host | 3 | 1.800 s (1.600-2.400) | 2.400 s | 0 |" in page
+    assert "| **every group in sync on h2, from the start of site.yml** | **245.3 s** |" in page
+    assert "| h2 DISABLED and in sync, per group | clc 160.0 s, kv 160.0 s, walrus 245.3 s |" in page
+    assert "| IAM users (CreateUser): asked, held | 1000, 1000 (filled in 40.0 s) |" in page
+    assert "| S3 objects: asked, held | 64 x 16.0 MiB, 64 objects, 1024.0 MiB (filled in 20.0 s" in page
+    assert (
+        "| writer (S3 + IAM through h1) requests that failed meanwhile | "
+        "0 of 5120 requests (target 0: **met**) |" in page
+    )
+    assert "| recovery, heal to every group redundant: p50 (min-max) | 4.20 s (3.10-12.50) |" in page
+    assert "| every trial (s) | 3.1, 4.2, 12.5, 3.9, 5.0 |" in page
+    assert "| S3 objects: asked, held | 1000 x 4.0 KiB, 1000 objects, 3.9 MiB (filled" in page
+    assert "| requests that failed while filling | **2** |" in page  # the recovery fixture's fill
+    assert "within 10 s of the heal: **NOT met**." in page
+    assert "| writer requests that failed, whole run | 0 of 900 requests |" in page
 
 
 def test_benchmarks_not_run_are_named_not_drawn(tmp_path: Path) -> None:
@@ -46,7 +60,17 @@ def test_benchmarks_not_run_are_named_not_drawn(tmp_path: Path) -> None:
 
 def test_every_result_shows_its_machine_load(results: dict[str, Any]) -> None:
     rows = {line.split("|")[1].strip(): line for line in report.runs(results).splitlines()[2:]}
-    assert set(rows) == {"failover", "failover_timeline", "machine_kill", "read_after_failover", "site_yml"}
+    assert set(rows) == {
+        "add_backup",
+        "failover",
+        "failover_timeline",
+        "machine_kill",
+        "read_after_failover",
+        "recovery",
+        "site_yml",
+    }
+    assert "quiet" in rows["add_backup"]
+    assert "**loaded: noisy**" in rows["recovery"]  # 1-minute load 4.5 at start on 2 CPUs
     timeline = rows["failover_timeline"]
     assert "[12.3, 9.1, 6.0]" in timeline and "**loaded: noisy**" in timeline
     assert "quiet" in rows["failover"]
@@ -84,3 +108,35 @@ def test_a_result_without_samples_is_not_drawn(results: dict[str, Any], tmp_path
     page = report.render(results, "{{plot:failover_distribution}}", "old.json", tmp_path)
     assert "cannot be drawn" in page and "kv_samples" in page
     assert not (tmp_path / "failover_distribution.png").exists()
+
+
+def test_recovery_is_met_only_when_every_trial_recovered_in_time() -> None:
+    assert recovery.outcome([3.0, 9.99])["met"]
+    assert not recovery.outcome([3.0, 10.5])["met"]
+    missed = recovery.outcome([3.0, None])
+    assert not missed["met"] and missed["not_recovered"] == 1 and missed["seconds"]["n"] == 1
+    assert missed["samples"] == [3.0, None]
+    assert not recovery.outcome([])["met"]
+
+
+def _group(name: str, *instances: tuple[str, str, bool]) -> dict[str, Any]:
+    """A describe-groups entry: instances as (node, state, in_sync)."""
+    return {
+        "group": name,
+        "enabled": [f"{n}.{name}" for n, s, _ in instances if s == "ENABLED"],
+        "instances": [{"name": f"{n}.{name}", "node": n, "state": s, "in_sync": i} for n, s, i in instances],
+    }
+
+
+def test_add_backup_counts_a_group_in_sync_only_with_the_new_host_disabled_and_in_sync() -> None:
+    groups = [
+        _group("clc", ("h1", "ENABLED", True), ("h2", "DISABLED", True)),
+        _group("kv", ("h1", "ENABLED", True), ("h2", "DISABLED", False)),  # still catching up
+        _group("walrus", ("h1", "ENABLED", True)),  # h2 not registered yet
+        _group("arbitrator", ("h3", "ENABLED", True)),
+    ]
+    assert add_backup.in_sync_groups(groups, add_backup.GROUPS, {"h1", "h2"}) == ["clc"]
+    assert add_backup.in_sync_groups(groups, add_backup.GROUPS, {"h1"}) == ["walrus"]
+    assert add_backup.registered_groups(groups, add_backup.GROUPS, "h2") == ["clc", "kv"]
+    two_enabled = [_group("clc", ("h1", "ENABLED", True), ("h2", "ENABLED", True))]
+    assert add_backup.in_sync_groups(two_enabled, add_backup.GROUPS, {"h1", "h2"}) == []
