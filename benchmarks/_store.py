@@ -20,8 +20,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from faults.history import OK, History, Op
@@ -32,22 +30,9 @@ GiB = 1024 * MiB
 
 
 def client(endpoints: Endpoints, service: str, url: str, read_timeout: float = 120.0) -> Any:
-    """A boto3 client for one URL with the eucarc's keys: standard retries, path-style S3,
-    a generous read timeout (a loaded machine, large objects)."""
-    cfg = Config(
-        retries={"max_attempts": 5, "mode": "standard"},
-        connect_timeout=5,
-        read_timeout=read_timeout,
-        s3={"addressing_style": "path"},
-    )
-    return boto3.session.Session().client(
-        service,  # type: ignore[call-overload]
-        endpoint_url=url,
-        aws_access_key_id=endpoints.access_key,
-        aws_secret_access_key=endpoints.secret_key,
-        region_name=endpoints.region,
-        config=cfg,
-    )
+    """A boto3 client for one URL with the eucarc's keys: standard retries (6 attempts), a
+    generous read timeout (a loaded machine, large objects)."""
+    return endpoints.client(service, url, read_timeout=read_timeout, attempts=6, connect_timeout=5)
 
 
 def object_bytes(index: int, size: int) -> bytes:

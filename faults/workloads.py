@@ -78,10 +78,19 @@ class Endpoints:
             region=env.get("AWS_DEFAULT_REGION", "eucalyptus"),
         )
 
-    def client(self, service: str, url: str, read_timeout: float = 10.0) -> Any:
+    def client(
+        self,
+        service: str,
+        url: str,
+        read_timeout: float = 10.0,
+        attempts: int = 1,
+        connect_timeout: float = 2.0,
+    ) -> Any:
+        """A boto3 client for one URL with the eucarc's keys, path-style S3. The fault suite's
+        default is one attempt (every try is one history entry); a filler may retry."""
         cfg = Config(
-            retries={"total_max_attempts": 1, "mode": "standard"},  # type: ignore[typeddict-unknown-key]
-            connect_timeout=2,
+            retries={"total_max_attempts": attempts, "mode": "standard"},  # type: ignore[typeddict-unknown-key]
+            connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             s3={"addressing_style": "path"},
         )
