@@ -247,6 +247,10 @@ class _View:
 
     doc: dict[str, Any]
     received: float
+    died: str = ""
+    """Set when a supervisor certified the process that sent `doc` dead: the document no longer
+    speaks for its node (its leases and VIPs are gone), even while the node's next process, or
+    the certificate's own connection, keeps the node's heartbeat fresh."""
 
 
 class Metrics:
@@ -1792,6 +1796,9 @@ class Node:
     def _fresh(self, node: str) -> bool:
         if node == self.name:
             return True
+        view = self.views.get(node)
+        if view is not None and view.died:
+            return False
         ep = self.endpoint
         age = ep.heartbeat_age(node) if ep is not None else None
         return age is not None and age <= self.cfg.timing.suspect_after
@@ -2195,7 +2202,11 @@ class Node:
 
         def row(node: str, host: str, i: Mapping[str, Any], hb: float | None, fresh: bool) -> dict[str, Any]:
             state, cause = str(i.get("state")), str(i.get("cause") or "")
-            if not fresh and state in ("ENABLED", "DISABLED", "NOTREADY"):
+            view = self.views.get(node)
+            if view is not None and view.died and state in ("ENABLED", "DISABLED", "NOTREADY"):
+                cause = f"process died ({view.died}; last reported {state}: {cause})"
+                state = "NOTREADY"
+            elif not fresh and state in ("ENABLED", "DISABLED", "NOTREADY"):
                 cause = f"unreachable (last reported {state}: {cause})"
                 state = "NOTREADY"
             return {
@@ -2622,7 +2633,22 @@ class Node:
         return await self._on_node_of(name, "fault", {"name": name, "fault": fault}, 5.0)
 
     async def death_certificate(self, group: str, holder: str, epoch: int, issuer: str) -> bool:
-        """A supervisor certifies `holder`'s process died: release its lease here (if a voter)."""
+        """A supervisor certifies `holder`'s process died: release its lease here (if a voter).
+
+        Every node, voter or not, also stops believing the status document of that process (the
+        one that still shows `holder` ENABLED at `epoch`): describe-services and the VIP holder
+        column would otherwise show the dead primary for up to `suspect_after`, since the
+        certificate's own connection counts as hearing from its node."""
+        for node, view in self.views.items():
+            if not view.died and any(
+                i.get("name") == holder and i.get("state") == "ENABLED" and int(i.get("epoch") or 0) == epoch
+                for i in view.doc.get("instances", ())
+            ):
+                view.died = f"death certificate from {issuer}"
+                log.info(
+                    "peer process certified dead", extra={"peer": node, "instance": holder, "epoch": epoch}
+                )
+                self.routes_changed()
         voter = self.voter
         if voter is None:
             return False

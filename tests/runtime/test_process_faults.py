@@ -231,3 +231,9 @@ def test_systemd_death_hook_certifies_over_the_bus(ha_cloud: Cloud) -> None:
     proc = ha_cloud.ctl("describe-services", "--events", "-o", "json")
     events = json.dumps(json.loads(proc.stdout)["events"])
     assert "death certificate from systemd@node-a" in events, events[-3000:]
+    # The dead process's last report no longer counts, though the certificate's own connection
+    # made node-a look fresh again: node-a.kv is not shown ENABLED (nor holding a VIP) beside
+    # the new primary.
+    row = ha_cloud.service("node-a.kv", via="node-b")
+    assert row["state"] == "NOTREADY", row
+    assert row["cause"].startswith("process died (death certificate from systemd@node-a"), row
