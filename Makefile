@@ -46,10 +46,10 @@ integration: deps venv
 	$(BIN)/pytest -q tests/integration
 
 molecule: deps venv
-	cd $(CURDIR) && $(BIN)/molecule test --all
+	cd $(CURDIR) && $(BIN)/molecule test --all </dev/null
 
 test: deps venv lint
-	$(BIN)/pytest -q --durations=25 tests
+	$(BIN)/pytest -q --durations=25 tests </dev/null
 	$(MAKE) --no-print-directory molecule
 
 demo: deps venv

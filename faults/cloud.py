@@ -61,7 +61,13 @@ def playbook(bed: str, topo: Path, path: str, *extra: str, timeout: float = 1800
     }
     cmd = [str(BIN / "ansible-playbook"), "-i", str(STATE_ROOT / bed / "inventory.yml"), "-i", str(topo)]
     proc = subprocess.run(
-        [*cmd, str(ROOT / path), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [*cmd, str(ROOT / path), *extra],
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         raise TestbedError(

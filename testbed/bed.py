@@ -297,7 +297,9 @@ def _boot(bed: Bed, host: Host) -> None:
 def ssh(bed: Bed, host: Host, *argv: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
     cmd = ["ssh", "-F", str(bed.dir / "ssh_config"), "-o", "BatchMode=yes", host.name, *argv]
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False
+        )
     except subprocess.TimeoutExpired:
         return subprocess.CompletedProcess(cmd, 255, "", "timeout")
 

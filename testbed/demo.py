@@ -43,7 +43,9 @@ def run_playbook(inventories: Sequence[Path | str], playbook: str, *extra: str) 
         "ANSIBLE_FORCE_COLOR": "0",
         "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
     }
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         sys.stdout.write(proc.stdout[-4000:])
         raise TestbedError(f"{playbook} failed (exit {proc.returncode})")

@@ -27,6 +27,7 @@ def site(inventory: str, *extra: str) -> subprocess.CompletedProcess[str]:
     env.pop("ANSIBLE_VAULT_PASSWORD_FILE", None)
     return subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", str(INVENTORIES / inventory), "playbooks/site.yml", *extra],
+        stdin=subprocess.DEVNULL,
         cwd=ROOT,
         env=env,
         capture_output=True,

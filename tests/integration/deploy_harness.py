@@ -97,6 +97,7 @@ class Cloud:
     def ssh(self, host: str, cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["ssh", "-F", str(STATE_ROOT / self.name / "ssh_config"), "-o", "BatchMode=yes", host, cmd],
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -169,11 +169,15 @@ def _start(cloud: LossyCloud, node: str) -> None:
 
 def _main_pid(cloud: LossyCloud, node: str) -> int:
     """The node's runtime process: the unit's main pid, else the `serve` process of its config."""
-    out = cloud.ssh(node, f"systemctl show -p MainPID --value {UNIT}")
+    out = cloud.ssh(node, f"systemctl show -p MainPID --value {UNIT}", timeout=8)
+    if out.returncode != 0:  # wait_until reports the last one
+        raise OSError(f"ssh {node} (exit {out.returncode}): {out.stderr.strip()[-300:]}")
     pid = int(out.stdout.strip() or 0)
     if pid > 0:
         return pid
-    out = cloud.ssh(node, f"pgrep -o -f 'euca_runtime.cli serve --config {REMOTE}/{node}.yaml'")
+    out = cloud.ssh(node, f"pgrep -o -f 'euca_runtime.cli serve --config {REMOTE}/{node}.yaml'", timeout=8)
+    if out.returncode not in (0, 1):
+        raise OSError(f"ssh {node} (exit {out.returncode}): {out.stderr.strip()[-300:]}")
     return int(out.stdout.split()[0]) if out.returncode == 0 and out.stdout.split() else 0
 
 
@@ -200,6 +204,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LossyCloud]:
                     str(cloud_dir),
                     f"{host.name}:{REMOTE}",
                 ],
+                stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -219,7 +224,9 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LossyCloud]:
                 out = tb.ssh(
                     tb.load(BED), tb.load(BED).host(HOSTS[node]), f"journalctl -u {UNIT} --no-pager -n 40"
                 )
-                sys.stderr.write(f"--- {node}\n{out.stdout[-4000:]}\n")
+                sys.stderr.write(
+                    f"--- {node} (exit {out.returncode}) {out.stderr[-500:]}\n{out.stdout[-4000:]}\n"
+                )
         tb.down(BED)
 
 
@@ -339,12 +346,12 @@ def test_no_false_failover_on_a_slow_lossy_link(cloud: LossyCloud) -> None:
 
 def test_kill9_of_the_primary_on_the_degraded_link_still_fails_over(cloud: LossyCloud) -> None:
     wait_until(lambda: _settled(cloud), 60, "settled")
+    pid = wait_until(lambda: _main_pid(cloud, "node-a"), 30, "node-a's runtime pid")
     _degrade_all(cloud)
     try:
         with Writer(cloud, ["node-b", "node-b"], "kill") as writer:
             wait_until(lambda: writer.count() >= 20, 30, "writes flowing on the degraded link")
-            pid = wait_until(lambda: _main_pid(cloud, "node-a"), 20, "node-a's runtime pid")
-            out = cloud.ssh("node-a", f"kill -9 {pid}")
+            out = cloud.ssh("node-a", f"kill -9 {pid}", timeout=30)
             killed = time.monotonic()
             assert out.returncode == 0, out.stderr
             enabled = wait_until(

@@ -65,7 +65,9 @@ class Cloud:
             str(ROOT / playbook),
             *extra,
         ]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        return subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+        )
 
     def status(self, strict: bool = False) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
         out = self.workdir / "status.json"
@@ -106,6 +108,7 @@ class Cloud:
     def ssh(self, host: str, cmd: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["ssh", "-F", str(STATE_ROOT / self.name / "ssh_config"), "-o", "BatchMode=yes", host, cmd],
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=60,

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 def ssh(name: str, host: str, cmd: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["ssh", "-F", str(STATE_ROOT / name / "ssh_config"), "-o", "BatchMode=yes", host, cmd],
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,
