@@ -33,6 +33,7 @@ Routes (JSON in, JSON out; errors are ``{"error": TYPE, "message": ...}`` with 4
 
 from __future__ import annotations
 
+import gc
 import json
 import secrets
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from euca_runtime import gc_tuning
 from euca_runtime.component import HA_STATES, RequestError, ServiceUnavailable
 from euca_runtime.log import get_logger
 
@@ -257,6 +259,17 @@ def render_metrics(node: Node) -> str:
     for inst in node.instances.values():
         if inst.replicated:
             out.append(f"euca_replication_seq{_labels(name=inst.name, group=inst.group)} {inst.last_seq}")
+    family("euca_gc_collections_total", "counter", "Garbage collections of this process, per generation")
+    family("euca_gc_pause_seconds_total", "counter", "Seconds spent in garbage collections, per generation")
+    for gen in range(3):
+        out.append(f'euca_gc_collections_total{{generation="{gen}"}} {gc_tuning.PAUSES.count[gen]}')
+        out.append(f'euca_gc_pause_seconds_total{{generation="{gen}"}} {gc_tuning.PAUSES.seconds[gen]:.6f}')
+    family("euca_gc_pause_longest_seconds", "gauge", "The longest garbage collection of this process")
+    out.append(f"euca_gc_pause_longest_seconds {gc_tuning.PAUSES.longest:.6f}")
+    family(
+        "euca_gc_frozen_objects", "gauge", "Objects frozen after start-up (never scanned by the collector)"
+    )
+    out.append(f"euca_gc_frozen_objects {gc.get_freeze_count()}")
     family("euca_elections_total", "counter", "Leases won by this process, per group")
     for group, n in sorted(node.metrics.elections.items()):
         out.append(f"euca_elections_total{_labels(group=group)} {n}")

@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from euca_runtime import sdnotify
+from euca_runtime import gc_tuning, sdnotify
 from euca_runtime.config import ConfigError, load_config
 from euca_runtime.log import configure, get_logger
 
@@ -58,6 +58,8 @@ async def _serve(config_path: str) -> int:
         log.error("cannot start", extra={"reason": str(exc)})
         await node.stop()
         return 1
+    gc_tuning.watch()
+    log.info("gc tuned", extra=gc_tuning.tune())  # after start-up: see euca_runtime/gc_tuning.py
     # Under systemd (Type=notify, WatchdogSec=): ready now, then watchdog pings from this loop.
     sdnotify.notify("READY=1")
     interval = sdnotify.watchdog_interval()

@@ -148,6 +148,11 @@ def test_admin_api_needs_the_token_and_serves_metrics(ha_cloud: Cloud) -> None:
     status, body = http("GET", f"{ha_cloud.admin_url('node-a')}/metrics", token=ha_cloud.token)
     assert 'euca_request_latency_seconds_count{group="kv",method="put"}' in body.decode()
     assert 'euca_replication_lag_records{group="kv",member="node-b.kv"}' in body.decode()
+    # The process froze what it had after start-up (euca_runtime/gc_tuning.py) and counts its
+    # collections.
+    gauges = dict(line.rsplit(" ", 1) for line in body.decode().splitlines() if line.startswith("euca_gc_"))
+    assert int(gauges["euca_gc_frozen_objects"]) > 10_000, gauges
+    assert {f'euca_gc_collections_total{{generation="{g}"}}' for g in range(3)} <= gauges.keys()
     assert ha_cloud.token not in "".join(p.read_text() for p in ha_cloud.root.glob("*.log"))
 
 
