@@ -757,6 +757,58 @@ class Instance:
         res.seq = rec.seq
         return res
 
+    def _send_first_ok(self, ops: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether a record of `ops` may go to the backups before the local apply: the
+        replication thread is idle (so the loop may use the primary core, as for a light ack),
+        the primary is ready with someone to send to, and the component declares every op one
+        that cannot fail to apply (`ComponentSpec.send_first_ok`)."""
+        p, rs = self._primary, self._rstore
+        if self._jobs or p is None or rs is None or not p.ready or not p.peers:
+            return False
+        spec = rs.store.component
+        return spec is not None and spec.send_first_ok(ops)
+
+    def _submit_send_first(
+        self, ops: Sequence[Mapping[str, Any]], loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[_JobResult]:
+        """Send first (`ReplicationPrimary.prepare`): the record goes to the backups from the
+        loop now, and the replication thread applies and commits it here meanwhile, so the
+        primary's apply and commit overlap the backups' instead of preceding them."""
+        p = self._primary
+        assert p is not None
+        try:
+            rec, sends = p.prepare(ops, self._mono())
+        except (repl_mod.NotReadyError, FencedError, repl_mod.ChainError):
+            return self._submit(lambda: self._job_append(ops, loop), sends=True)
+        # Queued now (FIFO: nothing else runs on the core before this commit), the job first
+        # waits, without the GIL, until the loop has run the send tasks' first step, which
+        # writes their frames; else they would wait for the GIL while the job applies.
+        sent = threading.Event()
+        self.node.send(sends)
+        loop.call_soon(sent.set)
+        return self._submit(functools.partial(self._job_commit_prepared, p, rec, sent, loop), sends=True)
+
+    def _job_commit_prepared(
+        self,
+        p: ReplicationPrimary,
+        rec: repl_mod.ChangeRecord,
+        sent: threading.Event,
+        loop: asyncio.AbstractEventLoop,
+    ) -> _JobResult:
+        sent.wait(EARLY_SEND_WAIT)
+        if self._primary is not p:  # the next job after `prepare`: cannot happen, but never guess
+            raise ServiceUnavailable(f"{self.name} stopped being the primary before its commit")
+        now = self._mono()
+        try:
+            p.commit_prepared(rec)
+        except Exception:
+            if p.failed:
+                loop.call_soon_threadsafe(self._give_up, "local commit failed after replicating")
+            raise
+        res = self._post_primary(p, now, [])
+        res.seq = rec.seq
+        return res
+
     def _job_caught_up(self, target: str) -> bool:
         p, rs = self._primary, self._rstore
         if p is None or rs is None:
@@ -1223,7 +1275,10 @@ class Instance:
         ops = [op for item_ops, _ in batch for op in item_ops]
         loop = asyncio.get_running_loop()
         try:
-            r = await self._submit(lambda: self._job_append(ops, loop), sends=True)
+            if self._send_first_ok(ops):
+                r = await self._submit_send_first(ops, loop)
+            else:
+                r = await self._submit(lambda: self._job_append(ops, loop), sends=True)
         except ServiceUnavailable as exc:
             for _, fut in batch:
                 _fail(fut, exc)
