@@ -55,7 +55,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -780,22 +780,15 @@ class Instance:
             rec, sends = p.prepare(ops, self._mono())
         except (repl_mod.NotReadyError, FencedError, repl_mod.ChainError):
             return self._submit(lambda: self._job_append(ops, loop), sends=True)
-        # Queued now (FIFO: nothing else runs on the core before this commit), the job first
-        # waits, without the GIL, until the loop has run the send tasks' first step, which
-        # writes their frames; else they would wait for the GIL while the job applies.
-        sent = threading.Event()
+        # The frames are written here (`Node.send`), before the replication thread wakes up to
+        # apply the record, so they do not wait for the GIL while it runs; the job is queued
+        # right after (FIFO: nothing else runs on the core between prepare and commit).
         self.node.send(sends)
-        loop.call_soon(sent.set)
-        return self._submit(functools.partial(self._job_commit_prepared, p, rec, sent, loop), sends=True)
+        return self._submit(functools.partial(self._job_commit_prepared, p, rec, loop), sends=True)
 
     def _job_commit_prepared(
-        self,
-        p: ReplicationPrimary,
-        rec: repl_mod.ChangeRecord,
-        sent: threading.Event,
-        loop: asyncio.AbstractEventLoop,
+        self, p: ReplicationPrimary, rec: repl_mod.ChangeRecord, loop: asyncio.AbstractEventLoop
     ) -> _JobResult:
-        sent.wait(EARLY_SEND_WAIT)
         if self._primary is not p:  # the next job after `prepare`: cannot happen, but never guess
             raise ServiceUnavailable(f"{self.name} stopped being the primary before its commit")
         now = self._mono()
@@ -1685,7 +1678,8 @@ class Node:
         return None
 
     def send(self, sends: Iterable[Send]) -> None:
-        """Deliver protocol messages: in-process for this node, else one bus request per node."""
+        """Deliver protocol messages: in-process for this node, else one bus request per node,
+        written before this returns when the link is up (`Endpoint.send_request`)."""
         by_node: dict[str, list[Any]] = {}
         for s in sends:
             node = self.node_of(s.to)
@@ -1698,7 +1692,7 @@ class Node:
                 for msg in msgs:
                     self.spawn(self._deliver_local(msg))
             else:
-                self.spawn(self._send_remote(node, msgs))
+                self.spawn(self._await_remote(node, self._start_remote(node, msgs, PROTO_TIMEOUT)))
 
     async def send_and_wait(self, sends: Iterable[Send], timeout: float = 0.5) -> None:
         """Like `send`, but wait (bounded) until every receiving node has processed them."""
@@ -1718,10 +1712,16 @@ class Node:
                 await asyncio.gather(*jobs, return_exceptions=True)
 
     async def _send_remote(self, node: str, msgs: list[Any], timeout: float = PROTO_TIMEOUT) -> None:
+        await self._await_remote(node, self._start_remote(node, msgs, timeout))
+
+    def _start_remote(self, node: str, msgs: list[Any], timeout: float) -> Awaitable[Any]:
         assert self.endpoint is not None
         body = {"msgs": [encode_msg(m) for m in msgs]}
+        return self.endpoint.send_request(node, "_proto", "m", body, timeout=timeout)
+
+    async def _await_remote(self, node: str, response: Awaitable[Any]) -> None:
         try:
-            resp = await self.endpoint.request(node, "_proto", "m", body, timeout=timeout)
+            resp = await response
         except (PeerUnavailable, DeadlineExceeded, RemoteError) as exc:
             log.debug("protocol message not delivered", extra={"peer": node, "reason": str(exc)})
             return
