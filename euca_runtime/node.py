@@ -32,6 +32,9 @@ its own thread (it persists promises before answering). One exception keeps two 
 handoffs off every replicated write: a backup's ack that only moves the primary's in-memory
 counters (`ReplicationPrimary.ack_is_light`) is handled on the loop when the replication
 thread is idle (no job submitted and not yet handled), which is the same as a job in order.
+Likewise a send-first write (`ReplicationPrimary.prepare`, for ops the component declares unable
+to fail) makes its record on the loop when the thread is idle, reading only the store's cached
+position and fence, writes it to the backups, and queues its apply and commit as the next job.
 
 Routing (`Node.call`): a request for (type, partition) goes to the ENABLED instance with the
 highest epoch in the topology view, in-process when it is local. `NotPrimary` answers, lost
