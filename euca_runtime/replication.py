@@ -20,6 +20,9 @@ caught up to within `join_lag` and are on their way in. It drops a backup that m
 for `drop_after` only by proposing a smaller set to the voters (`next_in_sync_proposal`); until
 the lease module reports it recorded (`on_in_sync_recorded`) it keeps waiting for that backup.
 It adds a backup only once the backup has acknowledged everything already committed.
+A write is either applied first and sent before the local commit (`append`, with `early`), or,
+for ops that cannot fail to apply, sent first and applied and committed after (`prepare`, then
+`commit_prepared`); either way it counts only once committed here and acked by the required set.
 
 Backup (`ReplicationBackup`): fences (a message from an epoch below the highest it has seen is
 answered with `Fenced`), applies records strictly in order, buffers out-of-order ones and asks
