@@ -32,6 +32,9 @@ its own thread (it persists promises before answering). One exception keeps two 
 handoffs off every replicated write: a backup's ack that only moves the primary's in-memory
 counters (`ReplicationPrimary.ack_is_light`) is handled on the loop when the replication
 thread is idle (no job submitted and not yet handled), which is the same as a job in order.
+Likewise a send-first write (`ReplicationPrimary.prepare`, for ops the component declares unable
+to fail) makes its record on the loop when the thread is idle, reading only the store's cached
+position and fence, writes it to the backups, and queues its apply and commit as the next job.
 
 Routing (`Node.call`): a request for (type, partition) goes to the ENABLED instance with the
 highest epoch in the topology view, in-process when it is local. `NotPrimary` answers, lost
@@ -55,7 +58,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -761,6 +764,51 @@ class Instance:
         res.seq = rec.seq
         return res
 
+    def _send_first_ok(self, ops: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether a record of `ops` may go to the backups before the local apply: the
+        replication thread is idle (so the loop may use the primary core, as for a light ack),
+        the primary is ready with someone to send to, and the component declares every op one
+        that cannot fail to apply (`ComponentSpec.send_first_ok`)."""
+        p, rs = self._primary, self._rstore
+        if self._jobs or p is None or rs is None or not p.ready or not p.peers:
+            return False
+        spec = rs.store.component
+        return spec is not None and spec.send_first_ok(ops)
+
+    def _submit_send_first(
+        self, ops: Sequence[Mapping[str, Any]], loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[_JobResult]:
+        """Send first (`ReplicationPrimary.prepare`): the record goes to the backups from the
+        loop now, and the replication thread applies and commits it here meanwhile, so the
+        primary's apply and commit overlap the backups' instead of preceding them."""
+        p = self._primary
+        assert p is not None
+        try:
+            rec, sends = p.prepare(ops, self._mono())
+        except (repl_mod.NotReadyError, FencedError, repl_mod.ChainError):
+            return self._submit(lambda: self._job_append(ops, loop), sends=True)
+        # The frames are written here (`Node.send`), before the replication thread wakes up to
+        # apply the record, so they do not wait for the GIL while it runs; the job is queued
+        # right after (FIFO: nothing else runs on the core between prepare and commit).
+        self.node.send(sends)
+        return self._submit(functools.partial(self._job_commit_prepared, p, rec, loop), sends=True)
+
+    def _job_commit_prepared(
+        self, p: ReplicationPrimary, rec: repl_mod.ChangeRecord, loop: asyncio.AbstractEventLoop
+    ) -> _JobResult:
+        if self._primary is not p:  # the next job after `prepare`: cannot happen, but never guess
+            raise ServiceUnavailable(f"{self.name} stopped being the primary before its commit")
+        now = self._mono()
+        try:
+            p.commit_prepared(rec)
+        except Exception:
+            if p.failed:
+                loop.call_soon_threadsafe(self._give_up, "local commit failed after replicating")
+            raise
+        res = self._post_primary(p, now, [])
+        res.seq = rec.seq
+        return res
+
     def _job_caught_up(self, target: str) -> bool:
         p, rs = self._primary, self._rstore
         if p is None or rs is None:
@@ -1227,7 +1275,10 @@ class Instance:
         ops = [op for item_ops, _ in batch for op in item_ops]
         loop = asyncio.get_running_loop()
         try:
-            r = await self._submit(lambda: self._job_append(ops, loop), sends=True)
+            if self._send_first_ok(ops):
+                r = await self._submit_send_first(ops, loop)
+            else:
+                r = await self._submit(lambda: self._job_append(ops, loop), sends=True)
         except ServiceUnavailable as exc:
             for _, fut in batch:
                 _fail(fut, exc)
@@ -1634,7 +1685,8 @@ class Node:
         return None
 
     def send(self, sends: Iterable[Send]) -> None:
-        """Deliver protocol messages: in-process for this node, else one bus request per node."""
+        """Deliver protocol messages: in-process for this node, else one bus request per node,
+        written before this returns when the link is up (`Endpoint.send_request`)."""
         by_node: dict[str, list[Any]] = {}
         for s in sends:
             node = self.node_of(s.to)
@@ -1647,7 +1699,7 @@ class Node:
                 for msg in msgs:
                     self.spawn(self._deliver_local(msg))
             else:
-                self.spawn(self._send_remote(node, msgs))
+                self.spawn(self._await_remote(node, self._start_remote(node, msgs, PROTO_TIMEOUT)))
 
     async def send_and_wait(self, sends: Iterable[Send], timeout: float = 0.5) -> None:
         """Like `send`, but wait (bounded) until every receiving node has processed them."""
@@ -1667,10 +1719,16 @@ class Node:
                 await asyncio.gather(*jobs, return_exceptions=True)
 
     async def _send_remote(self, node: str, msgs: list[Any], timeout: float = PROTO_TIMEOUT) -> None:
+        await self._await_remote(node, self._start_remote(node, msgs, timeout))
+
+    def _start_remote(self, node: str, msgs: list[Any], timeout: float) -> Awaitable[Any]:
         assert self.endpoint is not None
         body = {"msgs": [encode_msg(m) for m in msgs]}
+        return self.endpoint.send_request(node, "_proto", "m", body, timeout=timeout)
+
+    async def _await_remote(self, node: str, response: Awaitable[Any]) -> None:
         try:
-            resp = await self.endpoint.request(node, "_proto", "m", body, timeout=timeout)
+            resp = await response
         except (PeerUnavailable, DeadlineExceeded, RemoteError) as exc:
             log.debug("protocol message not delivered", extra={"peer": node, "reason": str(exc)})
             return

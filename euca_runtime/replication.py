@@ -20,6 +20,9 @@ caught up to within `join_lag` and are on their way in. It drops a backup that m
 for `drop_after` only by proposing a smaller set to the voters (`next_in_sync_proposal`); until
 the lease module reports it recorded (`on_in_sync_recorded`) it keeps waiting for that backup.
 It adds a backup only once the backup has acknowledged everything already committed.
+A write is either applied first and sent before the local commit (`append`, with `early`), or,
+for ops that cannot fail to apply, sent first and applied and committed after (`prepare`, then
+`commit_prepared`); either way it counts only once committed here and acked by the required set.
 
 Backup (`ReplicationBackup`): fences (a message from an epoch below the highest it has seen is
 answered with `Fenced`), applies records strictly in order, buffers out-of-order ones and asks
@@ -612,6 +615,8 @@ class ReplicationPrimary:
         self.proposed: frozenset[str] | None = None
         self.joined: set[str] = set()
         self._transfers = 0
+        self._prepared: tuple[ChangeRecord, bool] | None = None
+        """The record of a `prepare` not yet committed, and whether it was sent to anyone."""
         self.failed = False
         """A record went out but its local commit failed: never take writes again (step down)."""
         self.set_members(members, now)
@@ -719,44 +724,96 @@ class ReplicationPrimary:
         has the record (harmless: it was never acknowledged) or discards it as a divergent
         suffix through catch-up.
         """
-        if not self.ready:
-            raise NotReadyError(f"{self.group}: in-sync set not recorded yet")
-        store = self.store
-        rec = ChangeRecord(self.epoch, store.last_seq + 1, store.last_epoch, tuple(dict(op) for op in ops))
-        required = self.required()
+        rec = self._next_record(ops)
         out: list[Send] = []
         emitted = False
 
         def emit() -> None:
             nonlocal emitted
-            msg = Replicate(self.group, self.name, self.epoch, (rec,), rec.seq, rec.epoch, self.commit_seq)
-            for name, peer in self.peers.items():
-                if name in required and peer.behind_since is None:
-                    peer.behind_since = now
-                if peer.acked >= 0 and peer.sent_upto == rec.seq - 1:
-                    if peer.sent_upto <= peer.acked:
-                        peer.sent_at = now  # the oldest unacknowledged send
-                    peer.sent_upto = rec.seq
-                    out.append(Send(name, msg))
+            out.extend(self._emit(rec, now))
             if early is not None and out:
                 emitted = True
                 early(list(out))
                 out.clear()
 
         try:
-            store.append(rec, self.epoch, before_commit=emit if early is not None else None)
+            self.store.append(rec, self.epoch, before_commit=emit if early is not None else None)
         except BaseException:
             if emitted:
-                self.failed = True
-                log.error(
-                    "local commit failed after replicating",
-                    extra={"group": self.group, "epoch": self.epoch, "seq": rec.seq},
-                )
+                self._retire(rec)
             raise
         if early is None:
             emit()
         self._advance_commit()
         return rec, out
+
+    def prepare(self, ops: Sequence[Mapping[str, Any]], now: float) -> tuple[ChangeRecord, list[Send]]:
+        """Send first: the next record and the messages replicating it, before it is applied here.
+
+        The caller sends the messages at once and then applies the record locally with
+        `commit_prepared`, so the backups apply it while the primary applies and commits its
+        own copy (neither waits for the other's apply). Nothing may touch this object between
+        the two calls (the caller runs `commit_prepared` as the next job of its replication
+        thread). Only for ops that cannot fail to apply (the caller checks them first, e.g.
+        `ComponentSpec.send_first_ok`): a record that fails here after it went out retires this
+        primary, as in `append`. I2 holds as in `append`: `commit_seq` needs the record in
+        `store.last_seq`, which only `commit_prepared` moves, and every required backup's ack.
+        """
+        rec = self._next_record(ops)
+        if self.store.fence_epoch > self.epoch:
+            raise FencedError(self.epoch, self.store.fence_epoch)
+        out = self._emit(rec, now)
+        self._prepared = (rec, bool(out))
+        return rec, out
+
+    def commit_prepared(self, rec: ChangeRecord) -> list[int]:
+        """Apply and commit the record of the last `prepare` (its messages are already out).
+
+        Returns the newly committed seqs. If this fails after the record went out, this
+        primary is `failed` (see `append`) and the exception propagates.
+        """
+        prepared = self._prepared
+        if prepared is None or prepared[0] is not rec:
+            raise ChainError(f"record ({rec.seq}, {rec.epoch}) is not the one prepared")
+        self._prepared = None
+        try:
+            self.store.append(rec, self.epoch)
+        except BaseException:
+            if prepared[1]:
+                self._retire(rec)
+            raise
+        return self._advance_commit()
+
+    def _next_record(self, ops: Sequence[Mapping[str, Any]]) -> ChangeRecord:
+        if not self.ready:
+            raise NotReadyError(f"{self.group}: in-sync set not recorded yet")
+        if self._prepared is not None:
+            raise ChainError(f"{self.group}: record {self._prepared[0].seq} is prepared, not committed")
+        store = self.store
+        return ChangeRecord(self.epoch, store.last_seq + 1, store.last_epoch, tuple(dict(op) for op in ops))
+
+    def _emit(self, rec: ChangeRecord, now: float) -> list[Send]:
+        """The messages sending `rec` to every member streaming in step with us."""
+        msg = Replicate(self.group, self.name, self.epoch, (rec,), rec.seq, rec.epoch, self.commit_seq)
+        required = self.required()
+        out: list[Send] = []
+        for name, peer in self.peers.items():
+            if name in required and peer.behind_since is None:
+                peer.behind_since = now
+            if peer.acked >= 0 and peer.sent_upto == rec.seq - 1:
+                if peer.sent_upto <= peer.acked:
+                    peer.sent_at = now  # the oldest unacknowledged send
+                peer.sent_upto = rec.seq
+                out.append(Send(name, msg))
+        return out
+
+    def _retire(self, rec: ChangeRecord) -> None:
+        """A record went out but was not committed here: never take writes again."""
+        self.failed = True
+        log.error(
+            "local commit failed after replicating",
+            extra={"group": self.group, "epoch": self.epoch, "seq": rec.seq},
+        )
 
     def _replicate(self, records: tuple[ChangeRecord, ...]) -> Replicate:
         s = self.store

@@ -616,17 +616,7 @@ class Endpoint:
         if timeout <= 0:
             raise DeadlineExceeded(f"{peer} {target}.{method}: no time left")
         expires_at = self.clock.monotonic() + timeout
-        env: dict[str, Any] = {
-            "kind": "req",
-            "id": next(self._ids),
-            "target": target,
-            "partition": partition,
-            "method": method,
-            "deadline": timeout,
-            "idem": idempotency_key,
-            "body": body,
-        }
-        self.stats["requests_sent"] += 1
+        env = self._envelope(target, partition, method, timeout, idempotency_key, body)
         try:
             async with asyncio.timeout(timeout):
                 if peer == self.node:
@@ -645,6 +635,93 @@ class Endpoint:
                         conn.pending.pop(env["id"], None)
         except TimeoutError:
             raise DeadlineExceeded(f"{peer} {target}.{method}: no response within {timeout} s") from None
+        return self._answer(resp, peer, target, method)
+
+    def send_request(
+        self,
+        peer: str,
+        target: str,
+        method: str,
+        body: Any = None,
+        *,
+        partition: str | None = None,
+        timeout: float,
+        idempotency_key: str | None = None,
+    ) -> Awaitable[Any]:
+        """`request`, with the request's frame written (or queued in order) before this returns
+        when the link to `peer` is up and its queue has room; await the result for the
+        response, as with `request`. Otherwise (the peer is this node, the link is down or
+        dialling, the queue is full) the awaitable is `request` itself, which waits for those.
+
+        For a caller that must have the frame on its way before it goes on (the primary's
+        send-first write path): no loop turn, no task in between.
+        """
+        link = self._links.get(peer)
+        conn = link.conn if link is not None and link.state == "up" else None
+        if (
+            timeout <= 0
+            or peer == self.node
+            or conn is None
+            or conn.closed.is_set()
+            or len(conn._out) >= self.options.queue_size
+        ):
+            return self.request(
+                peer,
+                target,
+                method,
+                body,
+                partition=partition,
+                timeout=timeout,
+                idempotency_key=idempotency_key,
+            )
+        env = self._envelope(target, partition, method, timeout, idempotency_key, body)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        conn._push(_Out(env, self.clock.monotonic() + timeout, fut))
+        conn.pending[env["id"]] = fut
+        return self._response(conn, env["id"], fut, timeout, peer, target, method)
+
+    async def _response(
+        self,
+        conn: _Connection,
+        rid: int,
+        fut: asyncio.Future[dict[str, Any]],
+        timeout: float,
+        peer: str,
+        target: str,
+        method: str,
+    ) -> Any:
+        try:
+            async with asyncio.timeout(timeout):
+                resp = await fut
+        except TimeoutError:
+            raise DeadlineExceeded(f"{peer} {target}.{method}: no response within {timeout} s") from None
+        finally:
+            conn.pending.pop(rid, None)
+        return self._answer(resp, peer, target, method)
+
+    def _envelope(
+        self,
+        target: str,
+        partition: str | None,
+        method: str,
+        timeout: float,
+        idempotency_key: str | None,
+        body: Any,
+    ) -> dict[str, Any]:
+        self.stats["requests_sent"] += 1
+        return {
+            "kind": "req",
+            "id": next(self._ids),
+            "target": target,
+            "partition": partition,
+            "method": method,
+            "deadline": timeout,
+            "idem": idempotency_key,
+            "body": body,
+        }
+
+    @staticmethod
+    def _answer(resp: dict[str, Any], peer: str, target: str, method: str) -> Any:
         if resp["ok"]:
             return resp["body"]
         error = resp["error"]

@@ -441,7 +441,13 @@ class SimNode:
         p, cand = self.primary, self.candidate
         if p is None or cand is None or not p.ready or not cand.is_writer(now) or self.handing_over:
             return
-        rec, sends = p.append([kv_put(msg.key, msg.value)], now)
+        ops = [kv_put(msg.key, msg.value)]
+        if msg.write_id % 2:  # the runtime's two write paths: send first, or apply first
+            rec, sends = p.prepare(ops, now)
+            self._emit(sends)
+            p.commit_prepared(rec)
+        else:
+            rec, sends = p.append(ops, now)
+            self._emit(sends)
         self.pending[rec.seq] = msg
-        self._emit(sends)
         self._relay(now)

@@ -89,6 +89,10 @@ CoreApplier = Callable[[CoreApplyContext, Op], list[dict[str, Any]]]
 """Applies one op through Core statements; returns the undo ops, reports rows via `changed`.
 Must have exactly the effect (rows and undo ops) of the op's ORM applier."""
 
+OpCheck = Callable[[Op], bool]
+"""True when the op's Core applier cannot refuse it, whatever the rows hold (only the
+database itself can fail then: I/O, disk full). See `ComponentSpec.register_send_first`."""
+
 
 class ComponentSpec:
     """A component's tables, Alembic branch and op appliers."""
@@ -113,6 +117,7 @@ class ComponentSpec:
         self.branch = branch or name
         self._appliers: dict[tuple[str, str], OpApplier] = dict(appliers or {})
         self._core: dict[tuple[str, str], CoreApplier] = {}
+        self._send_first: dict[tuple[str, str], OpCheck] = {}
         self.lazy_tables = frozenset(lazy_tables)
         unknown = self.lazy_tables - set(metadata.tables)
         if unknown:
@@ -172,6 +177,33 @@ class ComponentSpec:
 
         return deco
 
+    def register_send_first(self, table: str, op: str, check: OpCheck) -> None:
+        """Let the primary send (table, op) ops to its backups before applying them itself.
+
+        `check(op)` must return True only for an op that the (table, op) Core applier always
+        applies, whatever the rows hold: a record of such ops goes out before the primary's
+        own apply (`ReplicationPrimary.prepare`), so the two applies overlap; a record the
+        primary then failed to apply would retire it (a failover), which only a database
+        failure may cause. Ops of any other kind are applied first and sent after.
+        """
+        if (table, op) not in self._core:
+            raise StoreError(f"component {self.name}: send-first needs the core applier of {table}/{op}")
+        self._send_first[(table, op)] = check
+
+    def send_first_ok(self, ops: Iterable[Op]) -> bool:
+        """Every op is of a send-first kind and passes its check (see `register_send_first`)."""
+        checks = self._send_first
+        if not checks:
+            return False
+        for op in ops:
+            try:
+                check = checks.get((op["table"], op["op"]))
+            except (KeyError, TypeError):
+                return False
+            if check is None or not check(op):
+                return False
+        return True
+
     def core_appliers_for(self, ops: Iterable[Op]) -> list[CoreApplier] | None:
         """The Core applier of every op, or None if any op has none (use the ORM path)."""
         core = self._core
@@ -207,6 +239,7 @@ class ComponentSpec:
         )
         # Core appliers stay only where the ORM applier they mirror is unchanged.
         spec._core = {k: fn for k, fn in self._core.items() if k not in appliers}
+        spec._send_first = {k: fn for k, fn in self._send_first.items() if k in spec._core}
         return spec
 
 

@@ -131,3 +131,33 @@ def _core_delete(ctx: CoreApplyContext, op: Mapping[str, Any]) -> list[dict[str,
     ctx.conn.execute(_DELETE, {"k": key})
     ctx.changed("kv", key, None)
     return [put_op(key, old.value, old.version)]
+
+
+def _utf8(key: Any) -> bool:
+    """A str that SQLite (and msgpack) can store: encodable as UTF-8 (no lone surrogates)."""
+    if not isinstance(key, str):
+        return False
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _put_cannot_fail(op: Mapping[str, Any]) -> bool:
+    version = op.get("version")
+    return (
+        _utf8(op.get("key"))
+        and isinstance(op.get("value"), bytes)
+        and (version is None or (type(version) is int and -(2**63) <= version < 2**63))
+    )
+
+
+def _delete_cannot_fail(op: Mapping[str, Any]) -> bool:
+    return _utf8(op.get("key"))
+
+
+# Checked puts (bytes values) and deletes always apply (an upsert and a delete by key): the
+# primary sends their records to the backups before its own apply (`register_send_first`).
+KV.register_send_first("kv", "put", _put_cannot_fail)
+KV.register_send_first("kv", "delete", _delete_cannot_fail)

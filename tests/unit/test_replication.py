@@ -785,3 +785,69 @@ def test_steady_state_acks_are_light_and_a_light_ack_never_reads_the_store() -> 
             elif isinstance(s.msg, CatchUpRequest):
                 queue += p.on_catch_up(s.msg, now)
     assert light_seen > 100 and heavy_seen > 0
+
+
+# --------------------------------------------------------------------------- send first
+
+
+def test_send_first_goes_out_before_the_local_apply_and_commits_after_both() -> None:
+    p, b = in_sync_pair()
+    r, sends = p.prepare([kv_put("x", 1)], 1.0)
+    msg = only(sends, Replicate)[0]
+    assert msg.records == (r,) and r.seq == 1
+    assert p.store.last_seq == 0 and p.store.state == {}  # out before the primary applied it
+    acks = b.handle(msg, 1.01)
+    assert b.store.state == {"x": 1}
+    assert p.commit_prepared(r) == []  # durable here, but its ack is not in yet
+    assert p.store.state == {"x": 1} and p.commit_seq == 0
+    p.on_ack(acks[0].msg, 1.02)
+    assert p.commit_seq == 1
+
+
+def test_send_first_ack_before_the_local_commit_commits_nothing() -> None:
+    p, b = in_sync_pair()
+    r, sends = p.prepare([kv_put("x", 1)], 1.0)
+    acks = b.handle(only(sends, Replicate)[0], 1.01)
+    p.on_ack(acks[0].msg, 1.02)
+    assert p.commit_seq == 0  # the backup has it, the primary not yet: not acknowledged (I2)
+    p.commit_prepared(r)
+    assert p.commit_seq == 0
+    pump(p, b, p.tick(1.5), 1.5)  # the next heartbeat's ack counts
+    assert p.commit_seq == 1
+
+
+def test_send_first_commit_failure_retires_the_primary() -> None:
+    store = FailingCommitStore()
+    p, b = in_sync_pair(store)
+    store.fail = True
+    r, sends = p.prepare([kv_put("x", 1)], 1.0)
+    with pytest.raises(OSError):
+        p.commit_prepared(r)
+    assert p.failed and not p.ready and p.commit_seq == 0
+    with pytest.raises(NotReadyError):  # seq 1 of this epoch is at the backup: never reuse it
+        p.prepare([kv_put("other", 2)], 1.1)
+    b.handle(only(sends, Replicate)[0], 1.0)
+    assert b.store.state == {"x": 1}  # held by the backup, never acknowledged to anyone
+
+
+def test_send_first_is_refused_when_fenced_and_sends_nothing() -> None:
+    store = MemoryReplicaStore()
+    p, _ = in_sync_pair(store)
+    store.raise_fence(2)
+    with pytest.raises(FencedError):
+        p.prepare([kv_put("x", 1)], 1.0)
+    assert p.peers["b"].sent_upto == 0 and p.store.last_seq == 0
+
+
+def test_one_prepared_record_at_a_time() -> None:
+    p, _ = in_sync_pair()
+    r, _ = p.prepare([kv_put("x", 1)], 1.0)
+    with pytest.raises(ChainError):
+        p.prepare([kv_put("y", 2)], 1.0)
+    with pytest.raises(ChainError):
+        p.append([kv_put("y", 2)], 1.0)
+    with pytest.raises(ChainError):
+        p.commit_prepared(rec(1, 1, 0))
+    p.commit_prepared(r)
+    r2, _ = p.prepare([kv_put("y", 2)], 1.1)
+    assert (r2.seq, r2.prev_epoch) == (2, 1)

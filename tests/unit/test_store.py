@@ -791,3 +791,29 @@ def test_apply_batch_is_one_all_or_nothing_transaction(open_store: OpenStore) ->
     with pytest.raises(StoreError):  # a record from the future
         store.apply_batch([(3, 5, [put_op("d", b"5")])], stamp=2)
     assert store.position() == Position(2, 4) and "d" not in kv_state(store)
+
+
+def test_kv_send_first_accepts_only_ops_its_core_applier_always_applies(open_store: OpenStore) -> None:
+    """The primary sends a record of send-first ops before applying it itself, so the check
+    must accept only ops that apply whatever the rows hold, and refuse anything doubtful."""
+    ok = [put_op("k", b"v"), put_op("k", b"w", version=7), delete_op("k"), delete_op("absent")]
+    assert all(KV.send_first_ok([op]) for op in ok)
+    assert KV.send_first_ok(ok)
+    refused: list[dict[str, Any]] = [
+        put_op("k", "a str value"),  # applied, but as its UTF-8 bytes: the applied-first path
+        {"op": "put", "table": "kv", "key": 1, "value": b"v"},
+        {"op": "put", "table": "kv", "key": "k"},
+        put_op("k", b"v", version=2**63),
+        {**put_op("k", b"v"), "version": True},
+        put_op("\ud800", b"v"),  # not encodable as UTF-8
+        {"op": "delete", "table": "kv"},
+        {"op": "nope", "table": "kv", "key": "k"},
+        {"table": "kv", "key": "k"},
+    ]
+    for op in refused:
+        assert not KV.send_first_ok([op]), op
+        assert not KV.send_first_ok([put_op("x", b"v"), op]), op
+    assert not KV_ORM.send_first_ok([put_op("k", b"v")])  # no Core applier: no send-first
+    store = open_store()
+    for seq, op in enumerate(ok + ok, start=1):  # new and existing rows, present and absent keys
+        assert store.apply(1, seq, [op]) is ApplyResult.APPLIED

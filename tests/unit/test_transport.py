@@ -207,6 +207,39 @@ async def test_frames_keep_their_order_whether_written_directly_or_queued(pki: d
 
 
 @arun
+async def test_send_request_writes_its_frame_before_returning(pki: dict[str, NodePki]) -> None:
+    """`send_request` puts the frame on the wire without a loop turn when the link is up (and
+    in order with everything sent before it), and falls back to `request` otherwise."""
+    arrived: list[int] = []
+
+    async def record(req: dict[str, Any]) -> Any:
+        arrived.append(req["body"])
+        if req["body"] == 3:
+            raise RemoteError("Nope", "refused")
+        return req["body"] * 10
+
+    a, b = await pair(pki, record)
+    try:
+        direct = a.stats["frames_direct"]
+        first = a.send_request("b", "kv", "n", 1, timeout=5)
+        assert a.stats["frames_direct"] == direct + 1  # written before anything was awaited
+        queued = [asyncio.ensure_future(a.request("b", "kv", "n", 2, timeout=5))]
+        await asyncio.sleep(0)  # that request's first step writes or queues its frame
+        second = a.send_request("b", "kv", "n", 4, timeout=5)
+        third = a.send_request("b", "kv", "n", 3, timeout=5)
+        assert await first == 10 and await queued[0] == 20 and await second == 40
+        with pytest.raises(RemoteError, match="Nope"):
+            await third
+        assert arrived == [1, 2, 4, 3]
+        a.remove_peer("b")  # no link: the awaitable is `request`, which fails fast
+        with pytest.raises(PeerUnavailable):
+            await a.send_request("b", "kv", "n", 5, timeout=1)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@arun
 async def test_remote_errors(pki: dict[str, NodePki]) -> None:
     async def handler(req: dict[str, Any]) -> Any:
         if req["method"] == "typed":
