@@ -384,10 +384,19 @@ class Identity:
         return name
 
     def _done(self, request_id: str) -> bool:
-        """Whether a delete with this request id already took effect (`euca_runtime.store.requests`)."""
+        """Whether a request with this request id already took effect (`euca_runtime.store.requests`)."""
         from euca_runtime.services.clc import CLC_REQUESTS
 
         return CLC_REQUESTS.done(self._cache(), request_id)
+
+    def _done_create(self, request_id: str) -> Mapping[str, Any] | None:
+        """The done row of a CreateUser with this request id (action ``CreateUser <user id>``)."""
+        from euca_runtime.services.clc import CLC_REQUESTS
+
+        row = self._cache().get(CLC_REQUESTS.table, request_id) if request_id else None
+        if row is None or not str(row.get("action", "")).startswith("CreateUser "):
+            return None
+        return row
 
     def _done_ops(self, request_id: str, action: str) -> list[dict[str, Any]]:
         from euca_runtime.services.clc import CLC_REQUESTS
@@ -411,9 +420,19 @@ class Identity:
         path = check_path(params.get("Path"))
         self._authorize(account, caller, "CreateUser", "")
         async with self._lock(account, name.lower()):
+            done = self._done_create(rid)
+            if done is not None:
+                # Our own retry (the bus held the request across a failover or a stalled
+                # write): the create took effect, and the user may have been deleted since, or
+                # even created again by someone else. Answer as the first attempt did; creating
+                # it again would undo that delete (the fault suite's create/delete race found
+                # it), refusing it would deny a create that happened.
+                user_id = done["action"].split(" ", 1)[1]
+                first = {"name": name, "user_id": user_id, "path": path, "created_ts": done["created_ts"]}
+                return {"User": self._user_doc(account, first)}
             existing = self.user(account, name)
             if existing is not None:
-                if existing["request_id"] == rid:  # our own retry after a failover
+                if existing["request_id"] == rid:  # our own retry (a row from before the done row)
                     return {"User": self._user_doc(account, existing)}
                 raise RequestError("EntityAlreadyExists", f"User with name {name} already exists.")
             row = {
@@ -425,7 +444,8 @@ class Identity:
                 "created_ts": time.time(),
                 "request_id": rid,
             }
-            res = await self.ctx.write([row_put_op("iam_user", row)])
+            ops = [row_put_op("iam_user", row), *self._done_ops(rid, f"CreateUser {row['user_id']}")]
+            res = await self.ctx.write(ops)
         log.info("user created", extra={"account": account, "user": name, "epoch": res.epoch, "seq": res.seq})
         return {"User": self._user_doc(account, row)}
 

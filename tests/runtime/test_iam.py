@@ -554,3 +554,31 @@ def test_a_delete_retried_after_a_failover_gets_the_first_answer(ha_cloud: Cloud
     assert status == 200, out
     status, out = _iam_call(cloud, "node-b", "DeleteUser", {"UserName": "ghost"}, "req-ghost-2")
     assert status != 200 and out.get("error") == "NoSuchEntity", out
+
+
+def test_a_create_retried_after_the_user_was_deleted_does_not_create_it_again(ha_cloud: Cloud) -> None:
+    """The fault suite's create/delete race on one name: a CreateUser whose first attempt took
+    effect (and was then deleted by another client) was retried by the bus with the same
+    request id and created the user a second time, so two creates by other clients were told
+    EntityAlreadyExists after the delete had succeeded. The retry now answers as the first
+    attempt did, with the same UserId, and creates nothing; a new request creates the user."""
+    cloud = ha_cloud
+    wait_until(lambda: _settled(cloud), what="HA settled")
+    status, first = _iam_call(cloud, "node-b", "CreateUser", {"UserName": "phoenix"}, "req-phoenix-c")
+    assert status == 200, first
+    status, out = _iam_call(cloud, "node-a", "DeleteUser", {"UserName": "phoenix"}, "req-phoenix-d")
+    assert status == 200, out
+    status, again = _iam_call(cloud, "node-b", "CreateUser", {"UserName": "phoenix"}, "req-phoenix-c")
+    assert status == 200, again
+    assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
+    status, out = _iam_call(cloud, "node-a", "GetUser", {"UserName": "phoenix"}, "req-phoenix-g")
+    assert status != 200 and out.get("error") == "NoSuchEntity", out
+    # Someone else creates the name now: the old request's retry still answers as it first did.
+    status, other = _iam_call(cloud, "node-a", "CreateUser", {"UserName": "phoenix"}, "req-phoenix-c2")
+    assert status == 200 and other != first, other
+    status, again = _iam_call(cloud, "node-b", "CreateUser", {"UserName": "phoenix"}, "req-phoenix-c")
+    assert status == 200 and json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True), again
+    status, out = _iam_call(cloud, "node-a", "GetUser", {"UserName": "phoenix"}, "req-phoenix-g2")
+    assert status == 200 and json.dumps(out, sort_keys=True) == json.dumps(other, sort_keys=True), out
+    status, out = _iam_call(cloud, "node-a", "DeleteUser", {"UserName": "phoenix"}, "req-phoenix-d2")
+    assert status == 200, out
