@@ -26,6 +26,10 @@ HostKey /etc/ssh/testbed_host_ed25519_key
 PermitRootLogin prohibit-password
 PasswordAuthentication no
 UseDNS no
+# No PAM: a command over SSH then opens no logind session and starts no user@0.service or
+# motd scripts. With them, full test runs saw a host's SSH logins hang (8-20 s timeouts,
+# exit 255) while its services answered over TCP; key-only root logins need none of it.
+UsePAM no
 """
 
 
