@@ -7,6 +7,7 @@ against the real client model, without a network."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,9 @@ class Cloud:
         op = MODEL.operation_model(action)
         req = SERIALIZER.serialize_to_request(kwargs, op)
         params = {k: v for k, v in req["body"].items() if k not in ("Action", "Version")}
-        rid = rid or f"rid-{action}-{id(kwargs)}"
+        # A new request id per call, as the front end gives (id() of a dict is reused once it
+        # is freed: a second DeleteSnapshot then looked like a retry of the first).
+        rid = rid or f"rid-{action}-{uuid.uuid4().hex}"
         try:
             result = self.raw(action, params, caller, rid)
         except RequestError as exc:
