@@ -620,22 +620,17 @@ class Endpoint:
         try:
             async with asyncio.timeout(timeout):
                 if peer == self.node:
-                    task = self._spawn(self._execute(env, self.node))
-                    resp = await asyncio.shield(task)
-                else:
-                    conn = await self._ensure_link(peer).connection()
-                    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-                    await conn.send(_Out(env, expires_at, fut))
-                    # send() returned without yielding after queueing: nothing was written or
-                    # torn down in between, so registering the future now is race-free.
-                    conn.pending[env["id"]] = fut
-                    try:
-                        resp = await fut
-                    finally:
-                        conn.pending.pop(env["id"], None)
+                    resp = await asyncio.shield(self._spawn(self._execute(env, self.node)))
+                    return self._answer(resp, peer, target, method)
+                conn = await self._ensure_link(peer).connection()
+                fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+                await conn.send(_Out(env, expires_at, fut))
+                # send() returned without yielding after queueing: nothing was written or
+                # torn down in between, so registering the future now is race-free.
+                conn.pending[env["id"]] = fut
         except TimeoutError:
             raise DeadlineExceeded(f"{peer} {target}.{method}: no response within {timeout} s") from None
-        return self._answer(resp, peer, target, method)
+        return await self._response(conn, env["id"], fut, expires_at, timeout, peer, target, method)
 
     def send_request(
         self,
@@ -675,23 +670,27 @@ class Endpoint:
                 idempotency_key=idempotency_key,
             )
         env = self._envelope(target, partition, method, timeout, idempotency_key, body)
+        expires_at = self.clock.monotonic() + timeout
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        conn._push(_Out(env, self.clock.monotonic() + timeout, fut))
+        conn._push(_Out(env, expires_at, fut))
         conn.pending[env["id"]] = fut
-        return self._response(conn, env["id"], fut, timeout, peer, target, method)
+        return self._response(conn, env["id"], fut, expires_at, timeout, peer, target, method)
 
     async def _response(
         self,
         conn: _Connection,
         rid: int,
         fut: asyncio.Future[dict[str, Any]],
+        expires_at: float,
         timeout: float,
         peer: str,
         target: str,
         method: str,
     ) -> Any:
+        """Wait until `expires_at` for the response to request `rid` sent on `conn` (`timeout`
+        is the request's whole budget, for the error message)."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(max(0.0, expires_at - self.clock.monotonic())):
                 resp = await fut
         except TimeoutError:
             raise DeadlineExceeded(f"{peer} {target}.{method}: no response within {timeout} s") from None
