@@ -2258,11 +2258,12 @@ class Node:
         rows: dict[str, dict[str, Any]] = {}
         ep = self.endpoint
 
-        def row(node: str, host: str, i: Mapping[str, Any], hb: float | None, fresh: bool) -> dict[str, Any]:
+        def row(
+            node: str, host: str, i: Mapping[str, Any], hb: float | None, fresh: bool, died: str
+        ) -> dict[str, Any]:
             state, cause = str(i.get("state")), str(i.get("cause") or "")
-            view = self.views.get(node)
-            if view is not None and view.died and state in ("ENABLED", "DISABLED", "NOTREADY"):
-                cause = f"process died ({view.died}; last reported {state}: {cause})"
+            if died and state in ("ENABLED", "DISABLED", "NOTREADY"):
+                cause = f"process died ({died}; last reported {state}: {cause})"
                 state = "NOTREADY"
             elif not fresh and state in ("ENABLED", "DISABLED", "NOTREADY"):
                 cause = f"unreachable (last reported {state}: {cause})"
@@ -2289,12 +2290,12 @@ class Node:
             }
 
         for inst in self.instances.values():
-            rows[inst.name] = row(self.name, self.cfg.listen.host, inst.status(), 0.0, True)
+            rows[inst.name] = row(self.name, self.cfg.listen.host, inst.status(), 0.0, True, "")
         for node, view in self.views.items():
             hb = ep.heartbeat_age(node) if ep is not None else None
             fresh = self._fresh(node)
             for i in view.doc.get("instances", ()):
-                rows[str(i.get("name"))] = row(node, str(view.doc.get("host")), i, hb, fresh)
+                rows[str(i.get("name"))] = row(node, str(view.doc.get("host")), i, hb, fresh, view.died)
         for name, reg in (self.registry or {}).items():
             if name in rows:
                 if not reg.get("registered") and rows[name]["state"] != "STOPPED":
