@@ -183,8 +183,9 @@ class Ec2Snapshot(ClcBase):
 
 
 class ClcRequest(RequestRowMixin, ClcBase):
-    """A request that deleted something, by its request id (Alembic ``clc_0004``): IAM
-    DeleteUser/DeleteAccessKey, EC2 DeleteVolume/DeleteSnapshot (`euca_runtime.store.requests`)."""
+    """A request that took effect, by its request id (Alembic ``clc_0004``, ``result`` in
+    ``clc_0005``): IAM DeleteUser/DeleteAccessKey, CreateUser/CreateAccessKey, EC2
+    DeleteVolume/DeleteSnapshot (`euca_runtime.store.requests`)."""
 
     __tablename__ = "clc_request"
 

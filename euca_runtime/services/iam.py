@@ -18,9 +18,11 @@ Two halves:
   forwarded to the ENABLED clc, held and retried across a failover until its deadline.
 
 Idempotent retries: the receiving process gives each request a RequestId that travels with
-it; CreateUser and CreateAccessKey record it, so a retry of a request whose write committed
-just before a failover answers with what was created instead of EntityAlreadyExists or a
-second key.
+it; CreateUser, CreateAccessKey, DeleteUser and DeleteAccessKey record it in the same
+replicated write as their change (``clc_request``, `euca_runtime.store.requests`), so a retry
+of a request whose write committed just before a failover answers as the first attempt did
+(the same user, the same key and secret, success) instead of EntityAlreadyExists, a second
+key or NoSuchEntity, and changes nothing, even if what it made was deleted meanwhile.
 
 Permissions (no IAM policies yet): the ``admin`` user of an account may do everything in its
 account; any other user may only read itself and manage its own access keys.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import time
 import uuid
@@ -70,6 +73,7 @@ DEFAULT_TIMEOUT = 10.0
 
 _NAME_RE = re.compile(r"[\w+=,.@-]+")
 _PATH_RE = re.compile(r"/|/[\x21-\x7e]+/")
+_PATH_PREFIX_RE = re.compile(r"/[\x21-\x7f]*")
 _KEY_ID_RE = re.compile(r"[\w]{16,128}")
 
 ACTIONS = (
@@ -127,6 +131,18 @@ def check_path(value: Any, field: str = "path") -> str:
             value,
             field,
             r"Member must satisfy regular expression pattern: (\u002F)|(\u002F[\u0021-\u007F]+\u002F)",
+        )
+    return value
+
+
+def check_path_prefix(value: Any, field: str = "pathPrefix") -> str:
+    """A ListUsers PathPrefix: ``/`` then any printable ASCII (IAM's pattern; no trailing ``/``
+    needed, ``/team`` matches ``/team/`` and ``/teams/``). Absent or empty: ``/``."""
+    if value is None or value == "":
+        return "/"
+    if not isinstance(value, str) or len(value) > 512 or not _PATH_PREFIX_RE.fullmatch(value):
+        raise _validation(
+            value, field, r"Member must satisfy regular expression pattern: \u002F[\u0021-\u007F]*"
         )
     return value
 
@@ -362,6 +378,16 @@ class Identity:
             "CreateDate": _iso(row["created_ts"]),
         }
 
+    def _first_key_doc(self, done: Mapping[str, Any]) -> dict[str, Any]:
+        """The AccessKey a CreateAccessKey answered, from its done row: ``result`` is
+        ``{access_key, user, secret}`` with the secret sealed as in ``iam_access_key``."""
+        first = json.loads(str(done["result"]))
+        sealed = base64.b64decode(first["secret"])
+        row = {"access_key": first["access_key"], "status": "Active", "created_ts": done["created_ts"]}
+        doc = self._key_doc(row, first["user"])
+        doc["SecretAccessKey"] = self.box().open(first["access_key"], sealed)
+        return doc
+
     def _authorize(self, account: str, caller: str, action: str, target: str) -> None:
         if caller == ADMIN_USER or caller.lower() == target.lower():
             return
@@ -383,25 +409,24 @@ class Identity:
         self._authorize(account, caller, action, name)
         return name
 
-    def _done(self, request_id: str) -> bool:
-        """Whether a request with this request id already took effect (`euca_runtime.store.requests`)."""
+    def _done_row(self, request_id: str, action: str | None = None) -> Mapping[str, Any] | None:
+        """The done row of the request with this id, if it already took effect
+        (`euca_runtime.store.requests`); with `action`, only if it was that action (the row's
+        ``action`` is `action` or ``<action> <detail>``)."""
         from euca_runtime.services.clc import CLC_REQUESTS
 
-        return CLC_REQUESTS.done(self._cache(), request_id)
+        row = CLC_REQUESTS.row(self._cache(), request_id)
+        if row is None or action is None:
+            return row
+        return row if str(row["action"]).split(" ", 1)[0] == action else None
 
-    def _done_create(self, request_id: str) -> Mapping[str, Any] | None:
-        """The done row of a CreateUser with this request id (action ``CreateUser <user id>``)."""
+    def _done_ops(
+        self, request_id: str, action: str, now: float | None = None, result: str | None = None
+    ) -> list[dict[str, Any]]:
         from euca_runtime.services.clc import CLC_REQUESTS
 
-        row = self._cache().get(CLC_REQUESTS.table, request_id) if request_id else None
-        if row is None or not str(row.get("action", "")).startswith("CreateUser "):
-            return None
-        return row
-
-    def _done_ops(self, request_id: str, action: str) -> list[dict[str, Any]]:
-        from euca_runtime.services.clc import CLC_REQUESTS
-
-        return CLC_REQUESTS.ops(self._cache(), request_id, action, time.time())
+        when = time.time() if now is None else now
+        return CLC_REQUESTS.ops(self._cache(), request_id, action, when, result)
 
     def _existing_user(self, account: str, name: str) -> Mapping[str, Any]:
         row = self.user(account, name)
@@ -420,7 +445,7 @@ class Identity:
         path = check_path(params.get("Path"))
         self._authorize(account, caller, "CreateUser", "")
         async with self._lock(account, name.lower()):
-            done = self._done_create(rid)
+            done = self._done_row(rid, "CreateUser")
             if done is not None:
                 # Our own retry (the bus held the request across a failover or a stalled
                 # write): the create took effect, and the user may have been deleted since, or
@@ -435,16 +460,17 @@ class Identity:
                 if existing["request_id"] == rid:  # our own retry (a row from before the done row)
                     return {"User": self._user_doc(account, existing)}
                 raise RequestError("EntityAlreadyExists", f"User with name {name} already exists.")
+            now = time.time()
             row = {
                 "account": account,
                 "name_key": name.lower(),
                 "name": name,
                 "user_id": new_user_id(),
                 "path": path,
-                "created_ts": time.time(),
+                "created_ts": now,
                 "request_id": rid,
             }
-            ops = [row_put_op("iam_user", row), *self._done_ops(rid, f"CreateUser {row['user_id']}")]
+            ops = [row_put_op("iam_user", row), *self._done_ops(rid, f"CreateUser {row['user_id']}", now)]
             res = await self.ctx.write(ops)
         log.info("user created", extra={"account": account, "user": name, "epoch": res.epoch, "seq": res.seq})
         return {"User": self._user_doc(account, row)}
@@ -459,7 +485,7 @@ class Identity:
         self, account: str, caller: str, params: Mapping[str, Any], rid: str
     ) -> dict[str, Any]:
         self._authorize(account, caller, "ListUsers", "*")
-        prefix = check_path(params.get("PathPrefix"), "pathPrefix") if params.get("PathPrefix") else "/"
+        prefix = check_path_prefix(params.get("PathPrefix"))
         limit = _max_items(params.get("MaxItems"))
         after = _decode_marker(params.get("Marker"))
         rows = sorted(
@@ -490,7 +516,7 @@ class Identity:
         if caller != ADMIN_USER:
             self._authorize(account, caller, "DeleteUser", "*")
         async with self._lock(account, name.lower()):
-            if self._done(rid):
+            if self._done_row(rid) is not None:
                 return {}  # our own retry after a failover: the delete took effect
             row = self._existing_user(account, name)
             if account == ADMIN_ACCOUNT and row["name_key"] == ADMIN_USER:
@@ -512,10 +538,18 @@ class Identity:
         name = self._target(account, caller, "CreateAccessKey", params, required=False)
         box = self.box()
         async with self._lock(account, name.lower()):
+            done = self._done_row(rid, "CreateAccessKey")
+            if done is not None:
+                # Our own retry (the bus held the request across a failover or a stalled
+                # write): the key was created, and may have been deleted since (or its user).
+                # Answer as the first attempt did, with the same key id and secret; creating
+                # another key would hand out a key the caller never asked for a second time
+                # (and could undo a delete or hit the per-user limit).
+                return {"AccessKey": self._first_key_doc(done)}
             user = self._existing_user(account, name)
             keys = self.keys_of(account, user["name_key"])
             for k in keys:
-                if k["request_id"] == rid:  # our own retry after a failover
+                if k["request_id"] == rid:  # our own retry (a row from before the done row)
                     doc = self._key_doc(k, user["name"])
                     doc["SecretAccessKey"] = box.open(k["access_key"], k["secret"])
                     return {"AccessKey": doc}
@@ -524,16 +558,26 @@ class Identity:
                     "LimitExceeded", f"Cannot exceed quota for AccessKeysPerUser: {MAX_KEYS_PER_USER}"
                 )
             access_key, secret = new_access_key_id(), new_secret_key()
+            now = time.time()
             row = {
                 "access_key": access_key,
                 "account": account,
                 "user_key": user["name_key"],
                 "secret": box.seal(access_key, secret),
                 "status": "Active",
-                "created_ts": time.time(),
+                "created_ts": now,
                 "request_id": rid,
             }
-            res = await self.ctx.write([row_put_op("iam_access_key", row)])
+            first = {
+                "access_key": access_key,
+                "user": user["name"],
+                "secret": base64.b64encode(row["secret"]).decode(),
+            }
+            ops = [
+                row_put_op("iam_access_key", row),
+                *self._done_ops(rid, "CreateAccessKey", now, json.dumps(first, sort_keys=True)),
+            ]
+            res = await self.ctx.write(ops)
         log.info(
             "access key created",
             extra={
@@ -589,7 +633,7 @@ class Identity:
 
         name = self._target(account, caller, "DeleteAccessKey", params, required=False)
         async with self._lock(account, name.lower()):
-            if self._done(rid):
+            if self._done_row(rid) is not None:
                 return {}  # our own retry after a failover: the delete took effect
             row = self._owned_key(account, name, params)
             ops = [

@@ -427,21 +427,26 @@ class Walrus(Component):
         await self._fault_point()
         return _row(self._bucket(body))
 
-    def _done(self, body: Mapping[str, Any]) -> bool:
-        """Whether this request (its ``request_id``) already took effect: its retry across a
-        failover answers as the first attempt did (`euca_runtime.store.requests`)."""
+    def _done_row(self, body: Mapping[str, Any], action: str) -> Mapping[str, Any] | None:
+        """The done row of this request (its ``request_id``) if it already took effect as
+        `action`: its retry across a failover answers as the first attempt did
+        (`euca_runtime.store.requests`)."""
         cache = self.ctx.cache
         assert cache is not None
-        return WALRUS_REQUESTS.done(cache, body.get("request_id"))
+        row = WALRUS_REQUESTS.row(cache, body.get("request_id"))
+        return row if row is not None and row["action"] == action else None
 
-    def _done_ops(self, body: Mapping[str, Any], action: str) -> list[dict[str, Any]]:
+    def _done_ops(
+        self, body: Mapping[str, Any], action: str, now: float | None = None, result: str | None = None
+    ) -> list[dict[str, Any]]:
         cache = self.ctx.cache
         assert cache is not None
-        return WALRUS_REQUESTS.ops(cache, body.get("request_id"), action, time.time())
+        when = time.time() if now is None else now
+        return WALRUS_REQUESTS.ops(cache, body.get("request_id"), action, when, result)
 
     async def delete_bucket(self, body: Any, info: RequestInfo) -> dict[str, Any]:
         await self._fault_point()
-        if self._done(body):
+        if self._done_row(body, "DeleteBucket") is not None:
             return {}
         self._bucket(body)
         op = {"op": "delete", "table": "buckets", "name": _s(body, "bucket")}
@@ -823,6 +828,12 @@ class Walrus(Component):
 
     async def complete_multipart(self, body: Any, info: RequestInfo) -> dict[str, Any]:
         await self._fault_point()
+        done = self._done_row(body, "CompleteMultipartUpload")
+        if done is not None:
+            # Our own retry across a failover: the object was committed and the upload is gone.
+            # Answer with the ETag the first attempt computed (the object may have been
+            # overwritten or deleted since; answering NoSuchUpload would deny a completed upload).
+            return {"etag": done["result"], "last_modified": done["created_ts"]}
         up = self._upload(body)
         wanted = body.get("parts")
         if not isinstance(wanted, list) or not wanted:
@@ -862,13 +873,14 @@ class Walrus(Component):
                 segments=json.dumps([[p["blob_id"], int(p["size"])] for p in chosen]),
             ),
             {"op": "delete", "table": "uploads", "upload_id": up["upload_id"]},
+            *self._done_ops(body, "CompleteMultipartUpload", now, etag),
         ]
         await self._write(ops, info)
         return {"etag": etag, "last_modified": now}
 
     async def abort_multipart(self, body: Any, info: RequestInfo) -> dict[str, Any]:
         await self._fault_point()
-        if self._done(body):
+        if self._done_row(body, "AbortMultipartUpload") is not None:
             return {}
         up = self._upload(body)
         op = {"op": "delete", "table": "uploads", "upload_id": up["upload_id"]}

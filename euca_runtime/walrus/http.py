@@ -632,6 +632,7 @@ class S3Frontend:
                 "account": ctx.account,
                 "upload_id": ctx.query["uploadId"],
                 "parts": [list(p) for p in parts],
+                "request_id": ctx.rid,
             },
         )
         location = f"http://{ctx.request.host}/{ctx.bucket}/{ctx.key}"

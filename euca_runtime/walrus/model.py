@@ -11,8 +11,9 @@ Tables:
   CompleteMultipartUpload);
 - ``uploads`` (upload_id, bucket, key, initiated, owner, content_type, meta, headers);
 - ``parts`` ((upload_id, part_number), blob_id, size, etag, last_modified);
-- ``walrus_request`` (request_id, action, created_ts): deletes done, by request id, so a retry
-  across a failover gets the first answer (`euca_runtime.store.requests`, its own ops).
+- ``walrus_request`` (request_id, action, created_ts, result): deletes and multipart completions
+  done, by request id, so a retry across a failover gets the first answer
+  (`euca_runtime.store.requests`, its own ops).
 
 Ops (every op dict has "table" and "op"; every field explicit so replicas agree exactly):
 
@@ -116,8 +117,9 @@ class Part(WalrusBase):
 
 
 class WalrusRequest(RequestRowMixin, WalrusBase):
-    """A request that deleted something (DeleteBucket, AbortMultipartUpload), by its request id
-    (Alembic ``walrus_0002``; `euca_runtime.store.requests`)."""
+    """A request that took effect (DeleteBucket, AbortMultipartUpload, CompleteMultipartUpload
+    with its ETag as ``result``), by its request id (Alembic ``walrus_0002``, ``result`` in
+    ``walrus_0003``; `euca_runtime.store.requests`)."""
 
     __tablename__ = "walrus_request"
 

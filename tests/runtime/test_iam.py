@@ -125,6 +125,9 @@ def test_iam_operations_errors_cli_and_secrets(single_cloud: Cloud) -> None:
         seen += [u["UserName"] for u in page["Users"]]
     assert seen == sorted(["admin", "alice", *names])
     assert {u["UserName"] for u in iam.list_users(PathPrefix="/team/")["Users"]} == set(names)
+    assert {u["UserName"] for u in iam.list_users(PathPrefix="/te")["Users"]} == set(names)  # as IAM
+    assert iam.list_users(PathPrefix="/teams")["Users"] == []
+    assert refused(iam.list_users, PathPrefix="team/") == (400, "ValidationError")
     assert refused(iam.list_users, Marker="%%%") == (400, "ValidationError")
 
     # Errors on names.
@@ -553,6 +556,56 @@ def test_a_delete_retried_after_a_failover_gets_the_first_answer(ha_cloud: Cloud
     status, out = _iam_call(cloud, "node-b", "DeleteUser", {"UserName": "ghost"}, "req-ghost-1")
     assert status == 200, out
     status, out = _iam_call(cloud, "node-b", "DeleteUser", {"UserName": "ghost"}, "req-ghost-2")
+    assert status != 200 and out.get("error") == "NoSuchEntity", out
+
+
+def test_a_create_access_key_retried_after_the_key_was_deleted_answers_the_first_key(
+    ha_cloud: Cloud,
+) -> None:
+    """A CreateAccessKey that took effect on the old primary, retried (same request id) at the
+    new one after another request deleted that key, answered with a second key. The retry now
+    answers as the first attempt did (the same AccessKeyId and secret, Active) and creates
+    nothing, while the key exists, after it was deleted and after its user was deleted; a new
+    request creates a new key."""
+    cloud = ha_cloud
+    wait_until(lambda: _settled(cloud), what="HA settled")
+    status, out = _iam_call(cloud, "node-a", "CreateUser", {"UserName": "keyed"}, "req-keyed-u")
+    assert status == 200, out
+    status, first = _iam_call(cloud, "node-a", "CreateAccessKey", {"UserName": "keyed"}, "req-keyed-k")
+    assert status == 200, first
+    key = first["result"]["AccessKey"]
+    url = cloud.layout.nodes["node-b"].api["iam"]
+    assert client(url, key["AccessKeyId"], key["SecretAccessKey"]).get_user()["User"]["UserName"] == "keyed"
+    os.kill(cloud.pid("node-a"), signal.SIGKILL)
+    wait_until(lambda: cloud.enabled("clc", via="node-b") == "node-b.clc", timeout=30, what="failover")
+
+    def retry() -> None:
+        status, again = _iam_call(cloud, "node-b", "CreateAccessKey", {"UserName": "keyed"}, "req-keyed-k")
+        assert status == 200 and json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True), again
+
+    def key_ids() -> list[str]:
+        status, out = _iam_call(
+            cloud, "node-b", "ListAccessKeys", {"UserName": "keyed"}, f"req-l-{time.time()}"
+        )
+        assert status == 200, out
+        return [k["AccessKeyId"] for k in out["result"]["AccessKeyMetadata"]]
+
+    retry()  # the key is there: the same answer, no second key
+    assert key_ids() == [key["AccessKeyId"]]
+    params = {"UserName": "keyed", "AccessKeyId": key["AccessKeyId"]}
+    status, out = _iam_call(cloud, "node-b", "DeleteAccessKey", params, "req-keyed-dk")
+    assert status == 200, out
+    retry()  # deleted by another request: still the first answer, and nothing created
+    assert key_ids() == []
+    status, other = _iam_call(cloud, "node-b", "CreateAccessKey", {"UserName": "keyed"}, "req-keyed-k2")
+    assert status == 200 and other["result"]["AccessKey"]["AccessKeyId"] != key["AccessKeyId"], other
+    params = {"UserName": "keyed", "AccessKeyId": other["result"]["AccessKey"]["AccessKeyId"]}
+    status, out = _iam_call(cloud, "node-b", "DeleteAccessKey", params, "req-keyed-dk2")
+    assert status == 200, out
+    status, out = _iam_call(cloud, "node-b", "DeleteUser", {"UserName": "keyed"}, "req-keyed-du")
+    assert status == 200, out
+    retry()  # the user is gone too: the first answer, no NoSuchEntity, no user made
+    status, out = _iam_call(cloud, "node-b", "GetUser", {"UserName": "keyed"}, "req-keyed-g")
     assert status != 200 and out.get("error") == "NoSuchEntity", out
 
 

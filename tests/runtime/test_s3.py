@@ -888,3 +888,67 @@ def test_deletes_retried_after_a_failover_get_the_first_answer(ha_cloud: Cloud) 
         s3b.abort_multipart_upload(Bucket="uploads", Key="k", UploadId=upload)
     assert code(info.value) == "NoSuchUpload"
     s3b.delete_bucket(Bucket="uploads")
+
+
+def test_a_complete_multipart_retried_after_a_failover_gets_the_first_answer(ha_cloud: Cloud) -> None:
+    """A CompleteMultipartUpload that took effect on the old primary, retried with the same
+    request id at the new one (the S3 front end's bus call, when the answer is lost with the
+    primary), answers with the first ETag, not NoSuchUpload, even after the object was
+    overwritten; a new request for the completed upload still gets NoSuchUpload. The front end
+    records a boto3 request under its x-amz-request-id, on the backup too."""
+    p, b = wait_until(lambda: _roles(ha_cloud), what="HA settled")
+    s3 = client(ha_cloud, p)
+    s3.create_bucket(Bucket="mpu")
+    data = body_for("mpu/k", 70_000)
+    upload = s3.create_multipart_upload(Bucket="mpu", Key="k")["UploadId"]
+    etag = s3.upload_part(Bucket="mpu", Key="k", UploadId=upload, PartNumber=1, Body=data)["ETag"]
+    status, out = ha_cloud.bus_call(p, "walrus", "list_buckets", {})
+    assert status == 200, out
+    owner = next(r["owner"] for r in out["result"] if r["name"] == "mpu")
+    body = {"bucket": "mpu", "key": "k", "upload_id": upload, "account": owner, "parts": [[1, etag]]}
+    status, first = ha_cloud.bus_call(
+        p, "walrus", "complete_multipart", {**body, "request_id": "rq-complete"}
+    )
+    assert status == 200, first
+    # Through boto3: the front end passes its request id, recorded with the commit on every copy.
+    up2 = s3.create_multipart_upload(Bucket="mpu", Key="k2")["UploadId"]
+    etag2 = s3.upload_part(Bucket="mpu", Key="k2", UploadId=up2, PartNumber=1, Body=data)["ETag"]
+    done = s3.complete_multipart_upload(
+        Bucket="mpu", Key="k2", UploadId=up2, MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag2}]}
+    )
+    rid = done["ResponseMetadata"]["RequestId"]
+
+    def recorded() -> list[tuple[str, str]]:
+        with contextlib.closing(sqlite3.connect(_walrus_db(ha_cloud, b))) as conn:
+            q = "select action, result from walrus_request where request_id = ?"
+            return [(str(a), str(r)) for a, r in conn.execute(q, (rid,))]
+
+    assert recorded() == [("CompleteMultipartUpload", done["ETag"].strip('"'))]
+    os.kill(ha_cloud.pid(p), signal.SIGKILL)
+    wait_until(lambda: ha_cloud.enabled("walrus", via=b) == f"{b}.walrus", timeout=30, what="failover")
+    status, again = ha_cloud.bus_call(
+        b, "walrus", "complete_multipart", {**body, "request_id": "rq-complete"}
+    )
+    assert status == 200 and again == first, again
+    s3b = client(ha_cloud, b, attempts=1)
+    head = s3b.head_object(Bucket="mpu", Key="k")
+    assert head["ETag"] == f'"{first["result"]["etag"]}"' and head["ContentLength"] == len(data)
+    assert s3b.get_object(Bucket="mpu", Key="k")["Body"].read() == data
+    s3b.put_object(Bucket="mpu", Key="k", Body=b"newer")
+    status, again = ha_cloud.bus_call(
+        b, "walrus", "complete_multipart", {**body, "request_id": "rq-complete"}
+    )
+    assert status == 200 and again == first, again  # the first answer, the newer object untouched
+    assert s3b.get_object(Bucket="mpu", Key="k")["Body"].read() == b"newer"
+    status, out = ha_cloud.bus_call(
+        b, "walrus", "complete_multipart", {**body, "request_id": "rq-complete-new"}
+    )
+    assert out.get("error") == "NoSuchUpload", out
+    with pytest.raises(ClientError) as info:
+        s3b.complete_multipart_upload(
+            Bucket="mpu",
+            Key="k",
+            UploadId=upload,
+            MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]},
+        )
+    assert code(info.value) == "NoSuchUpload"

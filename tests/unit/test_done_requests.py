@@ -8,11 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 
-from euca_runtime.services.clc import CLC_REQUESTS
+from euca_runtime.services.clc import CLC_REQUESTS, CLC_SPEC
 from euca_runtime.store import ObjectCache, Store, sqlite_url
 from euca_runtime.store.requests import PRUNE_PER_WRITE, REQUEST_TTL, DoneRequests
-from euca_runtime.walrus.model import WALRUS_REQUESTS
+from euca_runtime.walrus.model import WALRUS, WALRUS_REQUESTS
 
 Fixture = tuple[Store, ObjectCache, DoneRequests]
 
@@ -61,3 +64,38 @@ def test_a_discarded_suffix_forgets_the_request(store: Fixture) -> None:
     assert st.truncate_after(1) == 1
     assert done.done(cache, "kept")
     assert not done.done(cache, "lost")
+
+
+def test_the_row_carries_the_first_result_and_undoes_to_it(store: Fixture) -> None:
+    """A create records what its retry answers (``result``); a delete's row has none. `row` is
+    the one lookup (`done` asks it); a put over a row undoes to the row it replaced."""
+    st, cache, done = store
+    assert done.row(cache, None) is None and done.row(cache, "r1") is None
+    st.apply(1, 1, done.ops(cache, "r1", "CompleteMultipartUpload", 5.0, "abc-2"))
+    st.apply(1, 2, done.ops(cache, "r2", "DeleteBucket", 6.0))
+    row = done.row(cache, "r1")
+    assert row is not None and (row["action"], row["created_ts"], row["result"]) == (
+        "CompleteMultipartUpload",
+        5.0,
+        "abc-2",
+    )
+    row = done.row(cache, "r2")
+    assert row is not None and row["result"] is None and done.done(cache, "r2")
+    st.apply(1, 3, done.ops(cache, "r1", "CreateAccessKey", 7.0, "other"))
+    assert st.truncate_after(2) == 1
+    row = done.row(cache, "r1")
+    assert row is not None and (row["action"], row["result"]) == ("CompleteMultipartUpload", "abc-2")
+
+
+def test_migrations_match_the_request_models(store: Fixture) -> None:
+    """The component's migrations (``clc_0005`` / ``walrus_0003`` add ``result``) create the
+    request table exactly as the model declares it."""
+    st, _, done = store
+    combined = sa.MetaData()
+    model_table = (CLC_SPEC if done is CLC_REQUESTS else WALRUS).metadata.tables[done.table]
+    model_table.to_metadata(combined)
+    with st.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), combined)
+    # compare_metadata also reports the store's other tables as not in `combined`: keep ours.
+    ours = [d for d in diff if done.table in repr(d)]
+    assert ours == [], ours
