@@ -382,20 +382,28 @@ class UserWriter:
             return any(sent > t for _, sent in self.users)
 
     def check(self, cloud: Cloud, via: str) -> None:
-        """Every acknowledged user and key is on the primary (keys usable); nothing was refused."""
+        """Every acknowledged user and key is on the primary (keys usable); nothing was refused,
+        and no user or key exists that its client was not told about (a refused or never-made
+        CreateAccessKey left no key; one whose answer was lost left at most one)."""
         iam = admin(cloud, via, attempts=5)
         present = all_users(iam)
-        assert self.refused == [], self.refused[:5]
         missing = [u for u, _ in self.users if u not in present]
         assert missing == [], f"acknowledged users lost: {missing[:10]}"
         unknown_users = {w for w, _ in self.unknown if "/" not in w}
         created = {u for u, _ in self.users}
-        stray = {u for u in present if u.startswith(self.prefix)} - created - unknown_users
+        mine = {u for u in present if u.startswith(f"{self.prefix}-")}
+        stray = mine - created - unknown_users
         assert stray == set(), f"users nobody was told about: {sorted(stray)[:10]}"
-        url = cloud.layout.nodes[via].api["iam"]
-        for user, key_id, _secret in self.keys:
+        acked_key = {user: key_id for user, key_id, _ in self.keys}
+        unknown_key = {w.removesuffix("/key") for w, _ in self.unknown if w.endswith("/key")}
+        for user in sorted(mine):
             ids = {k["AccessKeyId"] for k in iam.list_access_keys(UserName=user)["AccessKeyMetadata"]}
-            assert key_id in ids, f"acknowledged key {key_id} of {user} lost"
+            want = {acked_key[user]} if user in acked_key else set()
+            assert want <= ids, f"acknowledged key {acked_key[user]} of {user} lost"
+            extra = ids - want
+            assert len(extra) <= (1 if user in unknown_key else 0), f"stray keys of {user}: {extra}"
+        assert self.refused == [], self.refused[:5]
+        url = cloud.layout.nodes[via].api["iam"]
         for user, key_id, secret in self.keys[-5:]:  # the secrets decrypt on the new primary
             assert client(url, key_id, secret, attempts=5).get_user()["User"]["UserName"] == user
 

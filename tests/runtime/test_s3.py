@@ -627,6 +627,7 @@ class S3Writers:
         self.prefix = prefix
         self.acked: dict[str, tuple[int, float]] = {}  # key -> (size, sent)
         self.refused: dict[str, tuple[int, str]] = {}  # key -> (size, why)
+        self.rejected: set[str] = set()  # refused with a definite 4xx answer: must never show up
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
@@ -646,6 +647,11 @@ class S3Writers:
             except Exception as exc:  # noqa: BLE001 - any failure is a refusal to record
                 with self._lock:
                     self.refused[key] = (size, f"{type(exc).__name__}: {exc}")
+                    if (
+                        isinstance(exc, ClientError)
+                        and exc.response["ResponseMetadata"]["HTTPStatusCode"] < 500
+                    ):
+                        self.rejected.add(key)
                 continue
             with self._lock:
                 self.acked[key] = (size, sent)
@@ -670,7 +676,8 @@ class S3Writers:
 
 
 def _check_objects(cloud: Cloud, node: str, writers: S3Writers) -> None:
-    """Every acknowledged object is there with its bytes; a refused one is absent or intact."""
+    """Every acknowledged object is there with its bytes; a refused one is absent or intact (and
+    absent if the refusal was a definite 4xx answer)."""
     s3 = client(cloud, node)
     listed = {
         c["Key"]: c["Size"]
@@ -688,6 +695,7 @@ def _check_objects(cloud: Cloud, node: str, writers: S3Writers) -> None:
             )
     unknown = set(listed) - set(writers.acked) - set(writers.refused)
     assert not unknown, unknown
+    assert not writers.rejected & set(listed), sorted(writers.rejected & set(listed))[:5]
     print(f"{writers.prefix} @{node}: {len(writers.acked)} acked intact, {len(writers.refused)} refused")
 
 
