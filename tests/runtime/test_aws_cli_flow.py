@@ -48,6 +48,43 @@ def walkthrough() -> str:
     return m.group(1)
 
 
+def readme_block() -> list[str]:
+    """The commands of the first ```sh block of README.md's local-cloud section, one a line."""
+    section = README.read_text().split("## The runtime: a local HA cloud in one command", 1)[1]
+    m = re.search(r"```sh\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    assert m, "README.md: no ```sh block in the runtime section"
+    lines = [line for line in m.group(1).splitlines() if line.strip()]
+    assert all(not line.rstrip().endswith("\\") for line in lines), "one command a line, please"
+    return lines
+
+
+def _cli_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "HOME": str(tmp_path),  # no ~/.aws of whoever runs the tests
+        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
+    }
+
+
+def _groups(out: str) -> dict[str, str]:
+    """`eucactl describe-groups` table -> {group: its ENABLED instance}."""
+    rows = [line.split() for line in out.strip().splitlines()]
+    assert rows and rows[0][:2] == ["GROUP", "ENABLED"], out
+    return {row[0]: row[1] for row in rows[1:]}
+
+
+def eucarc_env(cloud: Cloud) -> dict[str, str]:
+    """eucarc's variables, as `source` sets them (the single-URL fallbacks resolved)."""
+    env: dict[str, str] = {}
+    for line in (cloud.root / "eucarc").read_text().splitlines():
+        if line.startswith("export ") and "=" in line:
+            k, _, v = line[len("export ") :].partition("=")
+            v = v.strip('"')
+            env[k] = env.get(v[1:], v) if v.startswith("$") else v
+    return env
+
+
 def test_aws_cli_users_keys_buckets_objects_survive_kill9(ha_cloud: Cloud, tmp_path: Path) -> None:
     script = walkthrough()
     for needle in ("aws iam create-user", "create-access-key", "s3 mb", "s3 cp", "kill -9", "s3 ls"):
@@ -77,32 +114,6 @@ def test_aws_cli_users_keys_buckets_objects_survive_kill9(ha_cloud: Cloud, tmp_p
     # The failover really happened: node-b holds both primaries now.
     wait_until(lambda: ha_cloud.enabled("walrus", via="node-b") == "node-b.walrus", what="walrus on node-b")
     assert ha_cloud.enabled("clc", via="node-b") == "node-b.clc"
-
-
-def readme_block() -> list[str]:
-    """The commands of the first ```sh block of README.md's local-cloud section, one a line."""
-    section = README.read_text().split("## The runtime: a local HA cloud in one command", 1)[1]
-    m = re.search(r"```sh\n(.*?)```", section.split("\n## ", 1)[0], re.S)
-    assert m, "README.md: no ```sh block in the runtime section"
-    lines = [line for line in m.group(1).splitlines() if line.strip()]
-    assert all(not line.rstrip().endswith("\\") for line in lines), "one command a line, please"
-    return lines
-
-
-def _cli_env(tmp_path: Path) -> dict[str, str]:
-    return {
-        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-        "HOME": str(tmp_path),  # no ~/.aws of whoever runs the tests
-        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
-    }
-
-
-def _groups(out: str) -> dict[str, str]:
-    """`eucactl describe-groups` table -> {group: its ENABLED instance}."""
-    rows = [line.split() for line in out.strip().splitlines()]
-    assert rows and rows[0][:2] == ["GROUP", "ENABLED"], out
-    return {row[0]: row[1] for row in rows[1:]}
 
 
 def test_readme_users_keys_buckets_objects_survive_kill9(ha_cloud: Cloud, tmp_path: Path) -> None:
@@ -187,14 +198,3 @@ def test_readme_users_keys_buckets_objects_survive_kill9(ha_cloud: Cloud, tmp_pa
         )
 
     wait_until(back_in_sync, timeout=60, what="node-a DISABLED in sync after its restart")
-
-
-def eucarc_env(cloud: Cloud) -> dict[str, str]:
-    """eucarc's variables, as `source` sets them (the single-URL fallbacks resolved)."""
-    env: dict[str, str] = {}
-    for line in (cloud.root / "eucarc").read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            k, _, v = line[len("export ") :].partition("=")
-            v = v.strip('"')
-            env[k] = env.get(v[1:], v) if v.startswith("$") else v
-    return env
