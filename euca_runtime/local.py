@@ -4,7 +4,8 @@ Layout under DIR (mode 0700)::
 
     cloud.json            the layout: nodes, their addresses, configs, URLs (read by eucactl)
     admin.token           the admin token (0600); each node's data dir holds a copy
-    eucarc                shell ``export`` lines (0600): EUARE_URL(S), EC2_URL(S), AWS_ACCESS_KEY_ID,
+    eucarc                shell ``export`` lines (0600): EUARE_URL(S), EC2_URL(S), S3_URL(S),
+                          AWS_ENDPOINT_URL_IAM/_EC2/_S3 (the shared addresses), AWS_ACCESS_KEY_ID,
                           AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, KV_URL(S), EUCA_ADMIN_URL(S), ...
     pki/                  the development cluster CA and one certificate per node, and
                           credentials.key (0600): the cloud's key for access-key secrets at rest
@@ -509,7 +510,6 @@ def write_eucarc(layout: Layout, credentials: Mapping[str, Any] | None = None) -
         f"export AWS_ACCESS_KEY_ID={creds.get('access_key', '')}",
         f"export AWS_SECRET_ACCESS_KEY={creds.get('secret_key', '')}",
         f"export AWS_DEFAULT_REGION={REGION}",
-        "# EC2_URL(S) and S3_URL(S) are added here when the EC2 (clc) and S3 (walrus) APIs land.",
     ]
     path = layout.root / "eucarc"
     write_private(path, ("\n".join(lines) + "\n").encode())

@@ -28,6 +28,13 @@ from euca_runtime import local
 
 PY = sys.executable
 
+KEY_REVOCATION_BOUND = 5.0
+"""docs/api.md, "Lookups and the revocation bound": a deleted or deactivated access key stops
+working on every process within 5 s (the key cache's TTL)."""
+REVOCATION_DEADLINE = KEY_REVOCATION_BOUND + 3.0
+"""How long a test waits for a revoked key to be refused: the bound plus slack for the refused
+request's own round trip on a loaded machine. Not refused by then: the documented bound is broken."""
+
 
 def run_cli(*args: str, timeout: float = 90.0, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run `euca-runtime ...` in a subprocess (so its children are not ours)."""
@@ -276,3 +283,36 @@ def single_cloud(tmp_path: Path) -> Iterator[Cloud]:
         yield start_cloud(root, ha=False)
     finally:
         stop_cloud(root)
+
+
+@pytest.fixture(scope="module")
+def shared_ha_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    """One `up --ha` cloud for a whole test module, for tests that inject no fault and leave
+    node-a the primary of every group (each uses its own bucket and user names); stopped after
+    the module's last test whatever happens."""
+    root = tmp_path_factory.mktemp("shared-ha") / "cloud"
+    try:
+        yield start_cloud(root, ha=True)
+    finally:
+        stop_cloud(root)
+
+
+@dataclass
+class ApiTarget:
+    """A cloud and the node whose API endpoints a test's clients use."""
+
+    cloud: Cloud
+    node: str
+    ha: bool
+
+
+@pytest.fixture(params=["single", "ha"])
+def api_target(request: pytest.FixtureRequest) -> ApiTarget:
+    """The single-process cloud (a fresh one) through node-a, and the module's shared HA cloud
+    through node-b, the backup: every request there is forwarded over the bus to the primary."""
+    if request.param == "single":
+        return ApiTarget(request.getfixturevalue("single_cloud"), "node-a", ha=False)
+    cloud: Cloud = request.getfixturevalue("shared_ha_cloud")
+    for group in ("clc", "walrus"):
+        assert cloud.enabled(group, via="node-b") == f"node-a.{group}", "the shared cloud failed over"
+    return ApiTarget(cloud, "node-b", ha=True)

@@ -8,6 +8,7 @@ concurrent writers while the primary is killed (-9), frozen past its lease and s
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
@@ -18,14 +19,20 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.auth
 import pytest
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
+from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
-from runtime_harness import Cloud, run_cli, wait_until
+from runtime_harness import REVOCATION_DEADLINE, ApiTarget, Cloud, run_cli, wait_until
 
 AWS = str(Path(sys.executable).parent / "aws")
 MiB = 1024 * 1024
@@ -77,8 +84,17 @@ def body_for(key: str, size: int) -> bytes:
 # --------------------------------------------------------------------------- single cloud
 
 
-def test_s3_operations_and_errors(single_cloud: Cloud) -> None:
-    s3 = client(single_cloud)
+def _blob_files(cloud: Cloud) -> set[Path]:
+    """Every file under every node's walrus directory (blobs and staging files)."""
+    return {p for p in cloud.root.glob("node-*/walrus/**/*") if p.is_file()}
+
+
+def test_s3_operations_and_errors(api_target: ApiTarget) -> None:
+    cloud = api_target.cloud
+    s3 = client(cloud, api_target.node)
+    files_before = _blob_files(cloud)
+    buckets_before = [b["Name"] for b in s3.list_buckets()["Buckets"]]  # other tests' (shared cloud)
+    assert "photos" not in buckets_before
     s3.create_bucket(Bucket="photos")
     with pytest.raises(ClientError) as e:
         s3.create_bucket(Bucket="photos")
@@ -87,7 +103,7 @@ def test_s3_operations_and_errors(single_cloud: Cloud) -> None:
         with pytest.raises(ClientError) as e:
             s3.create_bucket(Bucket=bad)
         assert code(e.value) == "InvalidBucketName", bad
-    assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["photos"]
+    assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == sorted([*buckets_before, "photos"])
     s3.head_bucket(Bucket="photos")
     with pytest.raises(ClientError) as e:
         s3.head_bucket(Bucket="missing-bucket")
@@ -146,7 +162,10 @@ def test_s3_operations_and_errors(single_cloud: Cloud) -> None:
         s3.list_objects_v2(Bucket="no-such-bucket")
     assert code(e.value) == "NoSuchBucket"
 
-    # Copy (metadata copied or replaced).
+    # Copy (metadata copied or replaced); from a missing source: NoSuchKey.
+    with pytest.raises(ClientError) as e:
+        s3.copy_object(Bucket="photos", Key="copy", CopySource={"Bucket": "photos", "Key": "nope"})
+    assert code(e.value) == "NoSuchKey" and e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
     r = s3.copy_object(Bucket="photos", Key="copy", CopySource={"Bucket": "photos", "Key": "dir/a.bin"})
     assert r["CopyObjectResult"]["ETag"] == f'"{hashlib.md5(data).hexdigest()}"'
     assert s3.get_object(Bucket="photos", Key="copy")["Body"].read() == data
@@ -181,6 +200,14 @@ def test_s3_operations_and_errors(single_cloud: Cloud) -> None:
             break
         token = page["NextContinuationToken"]
     assert seen == sorted(k for k in keys if k.startswith("logs/2024/")) and pages == 4
+    after = s3.list_objects_v2(Bucket="photos", Prefix="logs/", StartAfter="logs/2024/021")
+    assert [c["Key"] for c in after["Contents"]] == [
+        "logs/2024/022",
+        "logs/2024/023",
+        "logs/2024/024",
+        "logs/2025/x",
+        "logs/readme",
+    ]
     everything = [
         c["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="photos") for c in p["Contents"]
     ]
@@ -190,18 +217,24 @@ def test_s3_operations_and_errors(single_cloud: Cloud) -> None:
     with pytest.raises(ClientError) as e:
         s3.delete_bucket(Bucket="photos")
     assert code(e.value) == "BucketNotEmpty"
-    res = s3.delete_objects(Bucket="photos", Delete={"Objects": [{"Key": k} for k in everything]})
-    assert sorted(d["Key"] for d in res["Deleted"]) == sorted(everything)
+    quiet = [k for k in everything if k.startswith("logs/2024/")]
+    res = s3.delete_objects(
+        Bucket="photos", Delete={"Objects": [{"Key": k} for k in quiet] + [{"Key": "never"}], "Quiet": True}
+    )
+    assert "Deleted" not in res and "Errors" not in res, res  # Quiet: only errors are reported
+    rest = [c["Key"] for c in s3.list_objects_v2(Bucket="photos")["Contents"]]
+    assert rest == [k for k in everything if k not in quiet]
+    res = s3.delete_objects(Bucket="photos", Delete={"Objects": [{"Key": k} for k in rest]})
+    assert sorted(d["Key"] for d in res["Deleted"]) == sorted(rest)
     assert s3.list_objects_v2(Bucket="photos")["KeyCount"] == 0
     s3.delete_bucket(Bucket="photos")
-    assert s3.list_buckets()["Buckets"] == []
-    # Every blob file is gone once nothing refers to it.
-    blob_dir = single_cloud.root / "node-a" / "walrus"
-    wait_until(lambda: not [p for p in blob_dir.rglob("*") if p.is_file()], what="blob files removed")
+    assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == buckets_before
+    # Every blob file this test made (on every replica) is gone once nothing refers to it.
+    wait_until(lambda: not _blob_files(cloud) - files_before, what="blob files removed")
 
 
-def test_multipart_upload(single_cloud: Cloud) -> None:
-    s3 = client(single_cloud)
+def test_multipart_upload(api_target: ApiTarget, tmp_path: Path) -> None:
+    s3 = client(api_target.cloud, api_target.node)
     s3.create_bucket(Bucket="mpu")
     up = s3.create_multipart_upload(Bucket="mpu", Key="movie", Metadata={"a": "b"}, ContentType="video/x")
     uid = up["UploadId"]
@@ -216,6 +249,14 @@ def test_multipart_upload(single_cloud: Cloud) -> None:
         (2, e2, len(p2)),
         (3, e3, len(p3)),
     ]
+    # ListParts paging: max-parts and part-number-marker.
+    first = s3.list_parts(Bucket="mpu", Key="movie", UploadId=uid, MaxParts=2)
+    assert [p["PartNumber"] for p in first["Parts"]] == [1, 2]
+    assert first["IsTruncated"] and first["NextPartNumberMarker"] == 2 and first["MaxParts"] == 2
+    marker = first["NextPartNumberMarker"]
+    rest = s3.list_parts(Bucket="mpu", Key="movie", UploadId=uid, PartNumberMarker=marker)
+    assert [p["PartNumber"] for p in rest["Parts"]] == [3] and not rest["IsTruncated"]
+    assert rest["PartNumberMarker"] == 2
     with pytest.raises(ClientError) as e:  # out of order
         s3.complete_multipart_upload(
             Bucket="mpu",
@@ -270,31 +311,29 @@ def test_multipart_upload(single_cloud: Cloud) -> None:
     # boto3's managed transfer (multipart with 5 MiB parts, threads) round-trips.
     from boto3.s3.transfer import TransferConfig
 
-    src = single_cloud.root / "upload.bin"
+    src = tmp_path / "upload.bin"
     src.write_bytes(os.urandom(12 * MiB + 5))
     cfg = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
     s3.upload_file(str(src), "mpu", "managed", Config=cfg)
-    dst = single_cloud.root / "download.bin"
+    dst = tmp_path / "download.bin"
     s3.download_file("mpu", "managed", str(dst), Config=cfg)
     assert dst.read_bytes() == src.read_bytes()
 
 
-def test_authentication_errors(single_cloud: Cloud) -> None:
-    env = eucarc(single_cloud)
-    good = client(single_cloud)
+def test_authentication_errors(api_target: ApiTarget) -> None:
+    cloud, node = api_target.cloud, api_target.node
+    env = {**eucarc(cloud), "S3_URL": cloud.layout.nodes[node].api["s3"]}
+    good = client(cloud, node)
     good.create_bucket(Bucket="auth-test")
-    bad_secret = client(single_cloud, secret="x" * 40, attempts=1)
+    bad_secret = client(cloud, node, secret="x" * 40, attempts=1)
     with pytest.raises(ClientError) as e:
         bad_secret.list_buckets()
     assert code(e.value) == "SignatureDoesNotMatch"
-    unknown = client(single_cloud, key="AKIAUNKNOWNUNKNOWN00", attempts=1)
+    unknown = client(cloud, node, key="AKIAUNKNOWNUNKNOWN00", attempts=1)
     with pytest.raises(ClientError) as e:
         unknown.list_objects_v2(Bucket="auth-test")
     assert code(e.value) == "InvalidAccessKeyId"
     # An unsigned request is refused.
-    import urllib.error
-    import urllib.request
-
     with pytest.raises(urllib.error.HTTPError) as he:
         urllib.request.urlopen(f"{env['S3_URL']}/auth-test", timeout=10)
     assert he.value.code == 403 and b"<Code>AccessDenied</Code>" in he.value.read()
@@ -307,10 +346,6 @@ def test_authentication_errors(single_cloud: Cloud) -> None:
         urllib.request.urlopen(url.replace("auth-test/k", "auth-test/K"), timeout=10)
     assert he.value.code == 403
     # A body that does not match the signed x-amz-content-sha256 is refused.
-    from botocore.auth import S3SigV4Auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import Credentials
-
     req = AWSRequest(method="PUT", url=f"{env['S3_URL']}/auth-test/tampered", data=b"original")
     S3SigV4Auth(
         Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]), "s3", "eucalyptus"
@@ -334,6 +369,86 @@ def test_authentication_errors(single_cloud: Cloud) -> None:
     p = vreq.prepare()
     with urllib.request.urlopen(urllib.request.Request(p.url, headers=dict(p.headers)), timeout=10) as resp:
         assert resp.read() == b"presigned body"
+
+    # An expired presigned URL: 403 AccessDenied "Request has expired" (docs/api.md, Authentication).
+    short = good.generate_presigned_url("get_object", Params={"Bucket": "auth-test", "Key": "k"}, ExpiresIn=1)
+
+    def expired() -> bool:
+        try:
+            with urllib.request.urlopen(short, timeout=10) as resp:
+                resp.read()
+            return False
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            assert exc.code == 403 and b"<Code>AccessDenied</Code>" in body, body
+            return b"Request has expired" in body
+
+    wait_until(expired, timeout=15, what="the presigned URL to be refused as expired")
+
+    # A clock more than 15 minutes off: 403 RequestTimeTooSkewed; within 15 minutes it works.
+    creds = Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+    for minutes, ok in ((-20, False), (20, False), (-10, True), (10, True)):
+        sreq = AWSRequest(method="GET", url=f"{env['S3_URL']}/auth-test/k")
+        SkewedS3SigV4(creds, dt.timedelta(minutes=minutes)).add_auth(sreq)
+        sp = sreq.prepare()
+        raw = urllib.request.Request(sp.url, headers=dict(sp.headers))
+        try:
+            with urllib.request.urlopen(raw, timeout=10) as r:
+                status, body = r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read()
+        if ok:
+            assert (status, body) == (200, b"presigned body"), (minutes, status, body)
+        else:
+            assert status == 403 and b"<Code>RequestTimeTooSkewed</Code>" in body, (minutes, status, body)
+
+    # Keys deactivated or deleted through IAM are refused by S3 within the documented bound.
+    iam = boto3.client(
+        "iam",
+        endpoint_url=cloud.layout.nodes[node].api["iam"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+    iam.create_user(UserName="s3-revoked")
+    k_inactive, k_deleted = (iam.create_access_key(UserName="s3-revoked")["AccessKey"] for _ in range(2))
+    as_inactive, as_deleted = (
+        client(cloud, node, key=k["AccessKeyId"], secret=k["SecretAccessKey"], attempts=1)
+        for k in (k_inactive, k_deleted)
+    )
+    for c in (as_inactive, as_deleted):  # they work (and are now in the key caches)
+        assert c.get_object(Bucket="auth-test", Key="k")["Body"].read() == b"presigned body"
+    iam.update_access_key(UserName="s3-revoked", AccessKeyId=k_inactive["AccessKeyId"], Status="Inactive")
+    iam.delete_access_key(UserName="s3-revoked", AccessKeyId=k_deleted["AccessKeyId"])
+
+    def revoked(c: Any) -> bool:
+        try:
+            c.list_objects_v2(Bucket="auth-test")
+        except ClientError as exc:
+            status = exc.response["ResponseMetadata"]["HTTPStatusCode"]
+            assert (status, code(exc)) == (403, "InvalidAccessKeyId"), exc
+            return True
+        return False
+
+    for c, what in ((as_inactive, "inactive"), (as_deleted, "deleted")):
+        wait_until(lambda c=c: revoked(c), timeout=REVOCATION_DEADLINE, what=f"S3 to refuse the {what} key")
+    iam.delete_access_key(UserName="s3-revoked", AccessKeyId=k_inactive["AccessKeyId"])
+    iam.delete_user(UserName="s3-revoked")
+
+
+class SkewedS3SigV4(S3SigV4Auth):
+    """An S3 SigV4 signer whose clock is `skew` off (a client with a wrong clock)."""
+
+    def __init__(self, creds: Credentials, skew: dt.timedelta) -> None:
+        super().__init__(creds, "s3", "eucalyptus")
+        self.skew = skew
+
+    def add_auth(self, request: AWSRequest) -> None:
+        when = dt.datetime.now(dt.UTC) + self.skew
+        request.context["timestamp"] = when.strftime(botocore.auth.SIGV4_TIMESTAMP)
+        self._modify_request_before_signing(request)
+        sig = self.signature(self.string_to_sign(request, self.canonical_request(request)), request)
+        self._inject_signature_to_request(request, sig)
 
 
 def test_aws_cli_round_trip(single_cloud: Cloud, tmp_path: Path) -> None:
@@ -512,6 +627,7 @@ class S3Writers:
         self.prefix = prefix
         self.acked: dict[str, tuple[int, float]] = {}  # key -> (size, sent)
         self.refused: dict[str, tuple[int, str]] = {}  # key -> (size, why)
+        self.rejected: set[str] = set()  # refused with a definite 4xx answer: must never show up
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
@@ -531,6 +647,11 @@ class S3Writers:
             except Exception as exc:  # noqa: BLE001 - any failure is a refusal to record
                 with self._lock:
                     self.refused[key] = (size, f"{type(exc).__name__}: {exc}")
+                    if (
+                        isinstance(exc, ClientError)
+                        and exc.response["ResponseMetadata"]["HTTPStatusCode"] < 500
+                    ):
+                        self.rejected.add(key)
                 continue
             with self._lock:
                 self.acked[key] = (size, sent)
@@ -555,7 +676,8 @@ class S3Writers:
 
 
 def _check_objects(cloud: Cloud, node: str, writers: S3Writers) -> None:
-    """Every acknowledged object is there with its bytes; a refused one is absent or intact."""
+    """Every acknowledged object is there with its bytes; a refused one is absent or intact (and
+    absent if the refusal was a definite 4xx answer)."""
     s3 = client(cloud, node)
     listed = {
         c["Key"]: c["Size"]
@@ -573,6 +695,7 @@ def _check_objects(cloud: Cloud, node: str, writers: S3Writers) -> None:
             )
     unknown = set(listed) - set(writers.acked) - set(writers.refused)
     assert not unknown, unknown
+    assert not writers.rejected & set(listed), sorted(writers.rejected & set(listed))[:5]
     print(f"{writers.prefix} @{node}: {len(writers.acked)} acked intact, {len(writers.refused)} refused")
 
 
