@@ -509,7 +509,6 @@ def write_eucarc(layout: Layout, credentials: Mapping[str, Any] | None = None) -
         f"export AWS_ACCESS_KEY_ID={creds.get('access_key', '')}",
         f"export AWS_SECRET_ACCESS_KEY={creds.get('secret_key', '')}",
         f"export AWS_DEFAULT_REGION={REGION}",
-        "# EC2_URL(S) and S3_URL(S) are added here when the EC2 (clc) and S3 (walrus) APIs land.",
     ]
     path = layout.root / "eucarc"
     write_private(path, ("\n".join(lines) + "\n").encode())
