@@ -287,11 +287,15 @@ class CCService:
             raise
 
     def describe_instances(self, ids: Sequence[str] | None) -> dict[str, Any]:
+        """The instances of the view (all, or those of `ids` it knows) and the state of every NC
+        (``up`` or ``lost``): a caller can tell an instance this CC never saw on a lost NC (a CC
+        enabled cold after the NC died) from one that is gone."""
         insts = self.view.instances()
         if ids is not None:
             wanted = set(ids)
             insts = {k: v for k, v in insts.items() if k in wanted}
-        return {"instances": [insts[k] for k in sorted(insts)]}
+        nodes = {name: n.state for name, n in sorted(self.view.nodes.items())}
+        return {"instances": [insts[k] for k in sorted(insts)], "nodes": nodes}
 
     async def run_instances(self, body: Mapping[str, Any], epoch: int) -> dict[str, Any]:
         items = body.get("instances")

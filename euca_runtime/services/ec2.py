@@ -704,14 +704,20 @@ class Ec2:
 
     async def _live(self, rows: Sequence[Mapping[str, Any]], timeout: float) -> dict[str, Mapping[str, Any]]:
         """The CC's view of `rows` (zone by zone); a zone whose CC does not answer in time is
-        left out (its instances are then shown with the clc's last known state)."""
-        by_zone: dict[str, list[str]] = {}
+        left out (its instances are then shown with the clc's last known state).
+
+        An instance the CC's answer does not list, launched on an NC the CC reports ``lost``, is
+        ``lost`` too: a CC enabled cold after that NC died never saw its instances (it has no
+        record of them to report lost), and the clc's last known state (``running``) would be a
+        guess about an NC nobody can reach."""
+        by_zone: dict[str, list[Mapping[str, Any]]] = {}
         for r in rows:
             if r["phase"] != "terminated":
-                by_zone.setdefault(r["zone"], []).append(r["instance_id"])
+                by_zone.setdefault(r["zone"], []).append(r)
         live: dict[str, Mapping[str, Any]] = {}
 
-        async def one(zone: str, ids: list[str]) -> None:
+        async def one(zone: str, zone_rows: list[Mapping[str, Any]]) -> None:
+            ids = [r["instance_id"] for r in zone_rows]
             try:
                 res = await self._call("cc", zone, "cc.describe_instances", {"instance_ids": ids}, timeout)
             except (ServiceUnavailable, RequestError) as exc:
@@ -719,8 +725,16 @@ class Ec2:
                 return
             for d in (res or {}).get("instances", []):
                 live[str(d.get("instance_id"))] = d
+            nodes = (res or {}).get("nodes") or {}
+            for r in zone_rows:
+                if r["instance_id"] not in live and r["node"] and nodes.get(r["node"]) == "lost":
+                    live[r["instance_id"]] = {
+                        "instance_id": r["instance_id"],
+                        "node": r["node"],
+                        "state": "lost",
+                    }
 
-        await asyncio.gather(*(one(z, ids) for z, ids in by_zone.items()))
+        await asyncio.gather(*(one(z, zr) for z, zr in by_zone.items()))
         return live
 
     async def _do_RunInstances(

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from euca_runtime import local
+from euca_runtime.cluster.driver import proc_start_ticks
 
 PY = sys.executable
 
@@ -160,6 +161,27 @@ class Cloud:
                 if pid is not None:
                     pids.append(pid)
         return pids
+
+
+def placeholders(root: Path) -> dict[str, int]:
+    """instance id -> pid of every live placeholder process (instance) the cloud's NCs recorded."""
+    out = {}
+    for path in root.glob("*/nc/*/instances.json"):
+        for rec in json.loads(path.read_text())["instances"]:
+            pid = rec.get("pid")
+            if pid and rec.get("state") == "running" and proc_start_ticks(pid) == rec.get("start_ticks"):
+                out[rec["instance_id"]] = pid
+    return out
+
+
+def cc_service_pid(cloud: Cloud, node: str, cluster: str = "cluster01") -> int | None:
+    """The pid of `node`'s live CC service process of `cluster` (None: none running)."""
+    path = cloud.root / node / "cc" / f"{node}.cc.{cluster}" / "service.json"
+    try:
+        pid = int(json.loads(path.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return pid if proc_start_ticks(pid) is not None else None
 
 
 def processes_under(root: Path) -> list[int]:

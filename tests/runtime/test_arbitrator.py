@@ -20,7 +20,13 @@ from runtime_harness import Cloud, Writer, http, wait_until
 
 from euca_runtime import route_targets
 
-GROUPS = ("clc", "kv", "walrus")
+GROUPS = ("clc", "kv", "walrus", "cc/cluster01", "sc/cluster01")
+"""Every group of node-a and node-b; a route's failover moves them all."""
+
+
+def name(node: str, group: str) -> str:
+    """The service name of `group`'s instance on `node` (``cc/cluster01`` -> ``node.cc.cluster01``)."""
+    return f"{node}.{group.replace('/', '.')}"
 
 
 def set_targets(cloud: Cloud, names: list[str], up: bool) -> None:
@@ -47,9 +53,9 @@ def events(cloud: Cloud) -> list[dict[str, Any]]:
 def settled_on(cloud: Cloud, primary: str, backup: str) -> bool:
     rows = {s["name"]: s for s in cloud.services()}
     return all(
-        rows[f"{primary}.{g}"]["state"] == "ENABLED"
-        and rows[f"{backup}.{g}"]["state"] == "DISABLED"
-        and rows[f"{backup}.{g}"]["in_sync"]
+        rows[name(primary, g)]["state"] == "ENABLED"
+        and rows[name(backup, g)]["state"] == "DISABLED"
+        and rows[name(backup, g)]["in_sync"]
         for g in GROUPS
     )
 
@@ -75,11 +81,12 @@ def test_route_down_fails_over_keeps_writes_and_stays_until_switchover(ha_cloud:
         cut_at = time.monotonic()
         for g in GROUPS:
             wait_until(
-                lambda g=g: ha_cloud.enabled(g, via="node-b") == f"node-b.{g}", what=f"node-b.{g} ENABLED"
+                lambda g=g: ha_cloud.enabled(g, via="node-b") == name("node-b", g),
+                what=f"node-b's {g} ENABLED",
             )
         wait_until(lambda: any(a[1] > cut_at for a in writer.acked), what="writes acknowledged after the cut")
     for g in GROUPS:
-        row = ha_cloud.service(f"node-a.{g}", via="node-a")
+        row = ha_cloud.service(name("node-a", g), via="node-a")
         assert row["state"] == "NOTREADY" and "route users-a is DOWN" in row["cause"], row
     assert writer.missing(via="node-b") == []  # every acknowledged write kept (I2)
     evs = events(ha_cloud)
@@ -90,10 +97,10 @@ def test_route_down_fails_over_keeps_writes_and_stays_until_switchover(ha_cloud:
     set_targets(ha_cloud, ["users-a"], up=True)
     wait_until(lambda: route(ha_cloud, "users-a")["state"] == "UP", what="users-a UP again")
     wait_until(lambda: settled_on(ha_cloud, "node-b", "node-a"), what="node-a back as an in-sync backup")
-    epochs = {g: ha_cloud.service(f"node-b.{g}")["epoch"] for g in GROUPS}
+    epochs = {g: ha_cloud.service(name("node-b", g))["epoch"] for g in GROUPS}
     wait_rounds(ha_cloud, "users-a", 8)  # well past recover + threshold: a policy would have acted
     for g in GROUPS:
-        row = ha_cloud.service(f"node-b.{g}")
+        row = ha_cloud.service(name("node-b", g))
         assert row["state"] == "ENABLED" and row["epoch"] == epochs[g], row  # manual failback: no move
     assert not any(e["service"] == "node-a.kv" and "failback" in e["cause"] for e in events(ha_cloud))
 
@@ -109,7 +116,7 @@ def test_route_down_fails_over_keeps_writes_and_stays_until_switchover(ha_cloud:
 def test_one_target_of_two_down_is_an_advisory_and_no_failover(ha_cloud: Cloud) -> None:
     wait_until(lambda: settled_on(ha_cloud, "node-a", "node-b"), what="HA settled on node-a")
     wait_until(lambda: routes_up(ha_cloud), what="both routes UP")
-    epochs = {g: ha_cloud.service(f"node-a.{g}")["epoch"] for g in GROUPS}
+    epochs = {g: ha_cloud.service(name("node-a", g))["epoch"] for g in GROUPS}
     lost = targets_of(ha_cloud, "users-a")[0]
     set_targets(ha_cloud, [lost], up=False)
     wait_until(lambda: route(ha_cloud, "users-a")["lost"] == [f"tcp {lost}"], what="the target reported lost")
@@ -117,7 +124,7 @@ def test_one_target_of_two_down_is_an_advisory_and_no_failover(ha_cloud: Cloud) 
     assert route(ha_cloud, "users-a")["status"] == "DEGRADED"
     wait_rounds(ha_cloud, "users-a", 3 * 3)  # three times the threshold more
     for g in GROUPS:
-        row = ha_cloud.service(f"node-a.{g}")
+        row = ha_cloud.service(name("node-a", g))
         assert row["state"] == "ENABLED" and row["epoch"] == epochs[g], row
     evs = events(ha_cloud)
     advisories = [e for e in evs if "route users-a ADVISORY" in e["cause"]]
@@ -156,9 +163,13 @@ def test_a_flapping_route_does_not_make_the_leadership_flap(ha_cloud: Cloud) -> 
     report = route(ha_cloud, "users-a")
     history = "\n".join(f"{e['ts']:.3f} {e['service']} {e['old']} -> {e['new']}: {e['cause']}" for e in evs)
     for g in GROUPS:
-        enabled = [e["service"] for e in evs if e["service"].endswith(f".{g}") and e["new"] == "ENABLED"]
+        enabled = [
+            e["service"]
+            for e in evs
+            if e["service"] in (name("node-a", g), name("node-b", g)) and e["new"] == "ENABLED"
+        ]
         assert len(enabled) <= 1, (g, enabled, history)  # at most one move
-        assert enabled in ([], [f"node-b.{g}"]), (g, enabled)  # and never back
-        assert ha_cloud.enabled(g) == (enabled[0] if enabled else f"node-a.{g}")
+        assert enabled in ([], [name("node-b", g)]), (g, enabled)  # and never back
+        assert ha_cloud.enabled(g) == (enabled[0] if enabled else name("node-a", g))
     moves = sum(1 for e in evs if e["new"] == "ENABLED")
     print(f"flapping: route transitions {report['transitions']}, moves {moves}")

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
-from runtime_harness import Cloud, http, run_cli, wait_until
+from runtime_harness import Cloud, cc_service_pid, http, placeholders, run_cli, wait_until
 
 from euca_runtime.cluster.driver import proc_start_ticks
 
@@ -45,26 +44,6 @@ def states(cloud: Cloud, via: str) -> dict[str, str]:
     ids = [i["instance_id"] for i in res["instances"]]
     assert len(ids) == len(set(ids)), f"an instance reported twice: {ids}"
     return {i["instance_id"]: i["state"] for i in res["instances"]}
-
-
-def placeholders(root: Path) -> dict[str, int]:
-    """instance id -> pid of every live placeholder process the cloud's NCs recorded."""
-    out = {}
-    for path in root.glob("*/nc/*/instances.json"):
-        for rec in json.loads(path.read_text())["instances"]:
-            pid = rec.get("pid")
-            if pid and rec.get("state") == "running" and proc_start_ticks(pid) == rec.get("start_ticks"):
-                out[rec["instance_id"]] = pid
-    return out
-
-
-def service_pid(cloud: Cloud, node: str) -> int | None:
-    path = cloud.root / node / "cc" / f"{node}.cc.{CLUSTER}" / "service.json"
-    try:
-        pid = int(json.loads(path.read_text())["pid"])
-    except (OSError, ValueError, KeyError):
-        return None
-    return pid if proc_start_ticks(pid) is not None else None
 
 
 def test_single_cloud_runs_describes_terminates(single_cloud: Cloud) -> None:
@@ -114,13 +93,13 @@ def test_cc_failover_kill_service_then_kill_runtime(ha_cloud: Cloud) -> None:
     first = wait_until(lambda: cloud.enabled(group), what="an ENABLED cc")
     first_node = first.split(".")[0]
     other = "node-b" if first_node == "node-a" else "node-a"
-    pid = wait_until(lambda: service_pid(cloud, first_node), what="the cc service pid")
+    pid = wait_until(lambda: cc_service_pid(cloud, first_node), what="the cc service pid")
     os.kill(pid, signal.SIGKILL)
     assert states(cloud, other) == running  # held by the bus across the failover, then answered
     wait_until(lambda: cloud.enabled(group) == f"{other}.cc.{CLUSTER}", what=f"{other}'s cc ENABLED")
     # The killed service is restarted by its proxy, which comes back as the hot standby.
     wait_until(lambda: cloud.service(first, via=other)["state"] == "DISABLED", what="the old cc DISABLED")
-    assert service_pid(cloud, first_node) not in (None, pid)
+    assert cc_service_pid(cloud, first_node) not in (None, pid)
     # Retrying the same run starts nothing twice (the new CC finds them on the NC).
     res = ok(cloud, other, "cc.run_instances", run_body(*ids))
     assert {i["instance_id"] for i in res["instances"]} == set(ids)
@@ -128,7 +107,7 @@ def test_cc_failover_kill_service_then_kill_runtime(ha_cloud: Cloud) -> None:
 
     # 2. kill -9 of the runtime process now hosting the ENABLED CC: the backup takes over; the
     #    dead runtime's CC service exits with it.
-    dead_service = service_pid(cloud, other)
+    dead_service = cc_service_pid(cloud, other)
     os.kill(cloud.pid(other), signal.SIGKILL)
     assert states(cloud, first_node) == running
     wait_until(lambda: cloud.enabled(group, via=first_node) == first, what=f"{first} ENABLED again")

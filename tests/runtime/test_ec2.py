@@ -20,7 +20,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
-from runtime_harness import Cloud, run_cli, wait_until
+from runtime_harness import Cloud, cc_service_pid, placeholders, run_cli, wait_until
 
 AWS = str(Path(sys.executable).parent / "aws")
 ZONE = "cluster01"
@@ -165,10 +165,13 @@ def test_ec2_authentication(single_cloud: Cloud) -> None:
     assert code(e) == "AuthFailure"
 
 
-def test_aws_cli_run_and_describe(single_cloud: Cloud) -> None:
-    """What a user types: ``source DIR/eucarc; aws ec2 ...``."""
+@pytest.mark.parametrize("cloud_fixture", ["single_cloud", "ha_cloud"])
+def test_aws_cli_run_and_describe(cloud_fixture: str, request: pytest.FixtureRequest) -> None:
+    """What a user types: ``source DIR/eucarc; aws ec2 ...``, against `up` and `up --ha` (whose
+    eucarc points the CLI at the EC2 address every clc process serves)."""
+    cloud: Cloud = request.getfixturevalue(cloud_fixture)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    rc = single_cloud.root / "eucarc"
+    rc = cloud.root / "eucarc"
 
     def aws(*args: str) -> Any:
         cmd = f"source {shlex.quote(str(rc))} && {shlex.quote(AWS)} ec2 {shlex.join(args)} --output json"
@@ -189,6 +192,23 @@ def test_aws_cli_run_and_describe(single_cloud: Cloud) -> None:
 
 
 # --------------------------------------------------------------------------- HA cloud
+
+
+def listed(ec2: Any) -> dict[str, list[tuple[int, str]]]:
+    """instance id -> every (state code, state name) DescribeInstances lists for it: one entry
+    each, unless an instance is listed twice."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    for r in ec2.describe_instances()["Reservations"]:
+        for i in r["Instances"]:
+            out.setdefault(i["InstanceId"], []).append((i["State"]["Code"], i["State"]["Name"]))
+    return out
+
+
+def cc_view(cloud: Cloud, via: str) -> dict[str, Any]:
+    """``cc.describe_instances`` of the ENABLED CC, called over the bus through `via`."""
+    status, out = cloud.bus_call(via, "cc", "cc.describe_instances", {"instance_ids": None}, partition=ZONE)
+    assert status == 200, out
+    return dict(out["result"])
 
 
 def test_ec2_lifecycle_on_ha_cloud_through_the_backup(ha_cloud: Cloud) -> None:
@@ -382,3 +402,105 @@ def test_deletes_retried_after_a_failover_get_the_first_answer(ha_cloud: Cloud) 
             assert state in ("shutting-down", "terminated"), out
         else:
             assert out.get("error") == error, (name, out)
+
+
+def test_cc_failover_seen_through_describe_instances(ha_cloud: Cloud) -> None:
+    """kill -9 of the ENABLED CC's service, then of the runtime hosting the new ENABLED CC, with
+    six instances running: every DescribeInstances answer (boto3, through a surviving node) lists
+    each instance exactly once, none lost, and the new CC is ENABLED. That the answers come from
+    the new CC, not from the clc's records (DescribeInstances shows those when the CC does not
+    answer within 3 s): right after each kill an instance's process is killed too; only a live
+    CC can report it ``terminated`` (the clc recorded it ``running``)."""
+    group = f"cc/{ZONE}"
+    ec2 = client(ha_cloud, "node-a")
+    ids: list[str] = []
+    for _ in range(2):
+        res = ec2.run_instances(ImageId=IMAGE, MinCount=3, MaxCount=3, InstanceType="t1.micro")
+        ids += [i["InstanceId"] for i in res["Instances"]]
+    running = {i: [(16, "running")] for i in ids}
+    wait_until(lambda: listed(ec2) == running, timeout=30, what="six instances running")
+    before = placeholders(ha_cloud.root)
+    assert sorted(before) == sorted(ids)
+    answers: list[dict[str, list[tuple[int, str]]]] = []
+
+    def shows(ec2: Any, want: dict[str, list[tuple[int, str]]]) -> bool:
+        answers.append(listed(ec2))
+        return answers[-1] == want
+
+    def check_answers(victims: set[str]) -> None:
+        """Every answer seen: each instance once; running, or (a killed one) terminated."""
+        for seen in answers:
+            assert sorted(seen) == sorted(ids), seen
+            for iid, states in seen.items():
+                ok = [(16, "running")] + ([(48, "terminated")] if iid in victims else [])
+                assert len(states) == 1 and states[0] in ok, (iid, states)
+        answers.clear()
+
+    # 1. kill -9 of the ENABLED CC's service process; the other CC takes over.
+    first = wait_until(lambda: ha_cloud.enabled(group), what="an ENABLED cc")
+    first_node = first.split(".")[0]
+    other = "node-b" if first_node == "node-a" else "node-a"
+    os.kill(wait_until(lambda: cc_service_pid(ha_cloud, first_node), what="the cc service"), signal.SIGKILL)
+    os.kill(before[ids[0]], signal.SIGKILL)
+    via = client(ha_cloud, other)
+    want = {**running, ids[0]: [(48, "terminated")]}
+    wait_until(lambda: shows(via, want), timeout=30, what=f"{ids[0]} terminated, the rest running")
+    check_answers({ids[0]})
+    wait_until(lambda: ha_cloud.enabled(group) == f"{other}.cc.{ZONE}", what=f"{other}'s cc ENABLED")
+    view = cc_view(ha_cloud, other)
+    assert {i["instance_id"]: i["state"] for i in view["instances"]} == {i: s[0][1] for i, s in want.items()}
+
+    # 2. kill -9 of the runtime now hosting the ENABLED CC (with the clc primary, if node-a).
+    wait_until(
+        lambda: ha_cloud.service(first, via=other)["state"] == "DISABLED", timeout=30, what="old cc DISABLED"
+    )
+    os.kill(ha_cloud.pid(other), signal.SIGKILL)
+    os.kill(before[ids[1]], signal.SIGKILL)
+    via = client(ha_cloud, first_node)
+    want = {**want, ids[1]: [(48, "terminated")]}
+    wait_until(lambda: shows(via, want), timeout=60, what=f"{ids[1]} terminated, the rest running")
+    check_answers({ids[0], ids[1]})
+    wait_until(lambda: ha_cloud.enabled(group, via=first_node) == first, what=f"{first} ENABLED again")
+    view = cc_view(ha_cloud, first_node)
+    assert {i["instance_id"]: i["state"] for i in view["instances"]} == {i: s[0][1] for i, s in want.items()}
+    assert placeholders(ha_cloud.root) == {i: before[i] for i in ids[2:]}  # none started twice
+
+
+def test_instances_of_a_dead_nc_are_lost_also_for_a_cold_cc(ha_cloud: Cloud) -> None:
+    """The NC's runtime dies (its instances live on): DescribeInstances shows them ``lost``
+    (code 96), EC2 goes on. Both CC services killed, the CC enabled next starts cold and never
+    sees those instances: still ``lost``, not the clc's ``running``. The NC back: ``running``."""
+    ec2 = client(ha_cloud, "node-a")
+    ids = sorted(
+        i["InstanceId"]
+        for i in ec2.run_instances(ImageId=IMAGE, MinCount=3, MaxCount=3, InstanceType="t1.micro")[
+            "Instances"
+        ]
+    )
+    wait_until(lambda: listed(ec2) == {i: [(16, "running")] for i in ids}, timeout=30, what="running")
+    lost = {i: [(96, "lost")] for i in ids}
+
+    os.kill(ha_cloud.pid("node-c"), signal.SIGKILL)
+    wait_until(lambda: listed(ec2) == lost, timeout=30, what="instances lost")
+    found = ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["lost"]}])
+    assert sorted(i["InstanceId"] for r in found["Reservations"] for i in r["Instances"]) == ids
+    with pytest.raises(ClientError) as e:  # nowhere to place it; everything else answers
+        ec2.run_instances(ImageId=IMAGE, MinCount=1, MaxCount=1, InstanceType="t1.micro")
+    assert code(e) == "InsufficientInstanceCapacity"
+    vid = ec2.create_volume(AvailabilityZone=ZONE, Size=1)["VolumeId"]
+    ec2.delete_volume(VolumeId=vid)
+
+    old = {
+        n: wait_until(lambda n=n: cc_service_pid(ha_cloud, n), what=f"{n}'s cc") for n in ("node-a", "node-b")
+    }
+    for pid in old.values():
+        os.kill(pid, signal.SIGKILL)
+
+    def cold() -> bool:
+        view = cc_view(ha_cloud, "node-a")
+        return view["instances"] == [] and view["nodes"] == {f"node-c.nc.{ZONE}": "lost"}
+
+    wait_until(cold, timeout=60, what="a cold CC ENABLED")
+    assert listed(ec2) == lost
+    run_cli("up", "--dir", str(ha_cloud.root), "--node", "node-c")
+    wait_until(lambda: listed(ec2) == {i: [(16, "running")] for i in ids}, timeout=60, what="running again")

@@ -3,7 +3,9 @@
 - `LocalCtx`: the `InstanceContext` of a lone primary over a real store: `write` applies the
   ops as the next change record, as the node does once every in-sync backup has them.
 - `FakeCC`: the CC's bus methods (docs/cluster-api.md) over an in-memory cluster with a fixed
-  number of instance slots; `down` makes every call fail as an unreachable group does.
+  number of instance slots on one NC ``nc-1``; `down` makes every call fail as an unreachable
+  group does; `nc_lost` makes the NC stop answering (its instances are reported ``lost``), and
+  `restart_cold` stands for a CC enabled afresh, whose view has no instance of a lost NC.
 - `Bus`: routes `call(type, zone, method, body)` to a `FakeCC` or a real `Sc` component, and
   answers `resolve(group)` (which groups have an ENABLED instance) like `Node.resolve`.
 """
@@ -71,6 +73,12 @@ class FakeCC:
         self.instances: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, Any]] = []
         self.down = False
+        self.nc_lost = False
+
+    def restart_cold(self) -> None:
+        """A new CC: it knows what the NC answers, nothing if the NC is lost (`scheduler.rebuild`)."""
+        if self.nc_lost:
+            self.instances.clear()
 
     def _running(self) -> int:
         return sum(1 for i in self.instances.values() if i["state"] != "terminated")
@@ -100,7 +108,15 @@ class FakeCC:
                 if i["state"] == "pending":
                     i["state"] = "running"
             ids = body.get("instance_ids")
-            return {"instances": [dict(i) for k, i in self.instances.items() if ids is None or k in ids]}
+            lost = {"state": "lost"} if self.nc_lost else {}
+            return {
+                "instances": [
+                    {**i, **(lost if i["state"] != "terminated" else {})}
+                    for k, i in self.instances.items()
+                    if ids is None or k in ids
+                ],
+                "nodes": {"nc-1": "lost" if self.nc_lost else "up"},
+            }
         if method == "cc.terminate_instances":
             out = []
             for iid in body["instance_ids"]:

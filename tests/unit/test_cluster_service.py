@@ -176,6 +176,12 @@ def test_a_silent_nc_makes_its_instances_lost_and_nothing_else(tmp_path: Path) -
             for i in (await cc.handle("cc.describe_instances", {}, epoch=1))["instances"]
         }
         assert got == {"i-1": "running", "i-2": "lost"}
+        # A CC enabled now, cold, never sees i-2 but reports its NC lost (the CLC shows it lost).
+        standby = CCService(t, "cluster01")  # polls like a DISABLED CC (no epoch: fences nothing)
+        await standby.poll()
+        cold = standby.describe_instances(None)
+        assert [i["instance_id"] for i in cold["instances"]] == ["i-1"]
+        assert cold["nodes"] == {"nc-0": "up", "nc-1": "lost"}
         res = await cc.handle("cc.run_instances", run_req("i-3"), epoch=1)
         assert res["instances"][0]["node"] == "nc-0"  # nothing goes to a lost NC
         term = await cc.handle("cc.terminate_instances", {"instance_ids": ["i-2"]}, epoch=1)

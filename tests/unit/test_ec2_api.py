@@ -256,6 +256,50 @@ def test_cc_unavailable_leaves_an_intent_the_reconciler_finishes(cloud: Cloud) -
     assert desc["Reservations"][0]["Instances"][0]["State"]["Name"] == "terminated"
 
 
+def test_instances_of_a_lost_nc_are_lost_even_for_a_cc_that_never_saw_them(cloud: Cloud) -> None:
+    """The NC stops answering: its instances are ``lost`` (code 96). A CC enabled after that
+    (cold: it never saw them, `scheduler.rebuild` gives the lost NC no instances) answers without
+    them: still ``lost``, not the clc's last known ``running``. A CC that does not answer at all
+    leaves the clc's last known state; the NC back, they are ``running`` again."""
+    res = cloud.api("RunInstances", ImageId=DEFAULT_IMAGE_ID, MinCount=2, MaxCount=2)
+    ids = sorted(i["InstanceId"] for i in res["Instances"])
+
+    def shown(**kwargs: Any) -> dict[str, tuple[int, str]]:
+        desc = cloud.api("DescribeInstances", **kwargs)
+        return {
+            i["InstanceId"]: (i["State"]["Code"], i["State"]["Name"])
+            for r in desc["Reservations"]
+            for i in r["Instances"]
+        }
+
+    assert shown() == dict.fromkeys(ids, (16, "running"))
+    cloud.cc.nc_lost = True
+    assert shown() == dict.fromkeys(ids, (96, "lost"))
+    cloud.cc.restart_cold()
+    assert not cloud.cc.instances  # the new CC has no record of them
+    assert shown() == dict.fromkeys(ids, (96, "lost"))
+    assert shown(InstanceIds=[ids[0]]) == {ids[0]: (96, "lost")}
+    lost = shown(Filters=[{"Name": "instance-state-name", "Values": ["lost"]}])
+    assert sorted(lost) == ids
+    cloud.cc.down = True  # no CC view at all: the clc's last known state (the launch's answer)
+    assert shown() == dict.fromkeys(ids, (0, "pending"))
+    cloud.cc.down = False
+    cloud.cc.nc_lost = False  # the NC answers again with its instances (they lived on)
+    for iid in ids:
+        cloud.cc.instances[iid] = {"instance_id": iid, "state": "running", "node": "nc-1", "volumes": []}
+    assert shown() == dict.fromkeys(ids, (16, "running"))
+
+
+def test_an_instance_missing_from_an_up_nc_keeps_the_clcs_state(cloud: Cloud) -> None:
+    """Only a lost NC makes a missing instance ``lost``: an NC that answers without it (a CC
+    whose view is older than the launch) leaves the clc's last known state."""
+    res = cloud.api("RunInstances", ImageId=DEFAULT_IMAGE_ID, MinCount=1, MaxCount=1)
+    iid = res["Instances"][0]["InstanceId"]
+    cloud.cc.instances.clear()
+    desc = cloud.api("DescribeInstances", InstanceIds=[iid])
+    assert desc["Reservations"][0]["Instances"][0]["State"]["Name"] == "pending"
+
+
 def test_volume_lifecycle_with_attach(cloud: Cloud) -> None:
     iid = cloud.api("RunInstances", ImageId=DEFAULT_IMAGE_ID, MinCount=1, MaxCount=1)["Instances"][0][
         "InstanceId"
