@@ -215,3 +215,23 @@ def test_the_page_has_the_cc_and_arbitrator_sections(results: dict[str, Any], tm
     empty = report.render({}, report.TEMPLATE.read_text(), "empty.json", tmp_path)
     assert "_Not in empty.json: run `make bench BENCH=cc_scale`._" in empty
     assert "_Not in empty.json: run `make bench BENCH=arbitrator`._" in empty
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_docs_point_at_sections_that_exist() -> None:
+    docs = report.ROOT / "docs"
+    anchors = {_slug(line[3:]) for line in report.TEMPLATE.read_text().splitlines() if line.startswith("## ")}
+    links = [
+        m.group(1)
+        for name in ("cluster.md", "arbitrator.md")
+        for m in re.finditer(r"\(performance\.md#([\w-]+)\)", (docs / name).read_text())
+    ]
+    assert set(links) == {
+        "the-cc-at-scale-and-its-failover-as-ec2-users-see-it-cc_scale",
+        "arbitrator-detection-time-arbitrator",
+    }
+    assert set(links) <= anchors
