@@ -20,6 +20,10 @@ bracketed by two reads of the new CC's node ``/metrics``
 an answer counts as the new CC's only when that node served a ``cc.describe_instances`` while
 it was in flight (the benchmark is the only DescribeInstances client), else as a fallback.
 
+Before the trials the benchmark checks that classification on its cloud: with both CCs STOPPED
+(``eucactl modify-service``), a DescribeInstances must come back, after the timeout, from the
+clc's records and be classified as such (``fallback_check_s``: how long that answer took).
+
 Cases (each trial restarts what it killed and waits for an ENABLED CC and a DISABLED one, i.e. a
 backup whose service has completed a poll, first):
 
@@ -61,7 +65,7 @@ import yaml
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from benchmarks._cloud import cli, summary
+from benchmarks._cloud import cli, ctl, summary
 from benchmarks._cloud import stop as stop_cloud
 from euca_runtime import local
 from euca_runtime.config import load_config
@@ -269,6 +273,24 @@ class Bench:
             running, error = 0, f"{type(exc).__name__}: {exc}"
         return Poll(sent, time.monotonic(), running, not error, error)
 
+    def check_fallback(self) -> float:
+        """With both CCs STOPPED (`eucactl modify-service`), one DescribeInstances must come back
+        from the clc's records and be classified so; returns how long it took. Both CCs are
+        set DISABLED again afterwards (one then takes the lease)."""
+        names = [f"{n}.cc.{CLUSTER}" for n in ("cc-a", "cc-b")]
+        try:
+            for name in names:
+                proc = ctl(self.layout.root, "modify-service", name, "--state", "STOPPED")
+                if proc.returncode != 0:
+                    raise RuntimeError(f"modify-service {name} STOPPED: {proc.stderr or proc.stdout}")
+            p = self.poll_ec2("cc-a")
+            if p.live or p.error or p.running != INSTANCES:
+                raise RuntimeError(f"with no CC, DescribeInstances was not classified as a fallback: {p}")
+            return p.done - p.sent
+        finally:
+            for name in names:
+                ctl(self.layout.root, "modify-service", name, "--state", "DISABLED")
+
     # ------------------------------------------------------------------ a trial
 
     def trial(self, case: str) -> dict[str, Any]:
@@ -356,6 +378,7 @@ def run(warm: int = TRIALS["warm"], cold: int = TRIALS["cold"], bus: int = TRIAL
             t1 = time.monotonic()
             b.ec2_running()
             steady_ec2.append(time.monotonic() - t1)
+        fallback_s = b.check_fallback()
         out: dict[str, Any] = {
             "ncs": len(nodes),
             "nc_processes": NC_PROCESSES,
@@ -369,6 +392,7 @@ def run(warm: int = TRIALS["warm"], cold: int = TRIALS["cold"], bus: int = TRIAL
             "setup_seconds": round(time.monotonic() - t_setup, 1),
             "poll_interval_s": 1.0,
             "describe_timeout_s": DESCRIBE_TIMEOUT,
+            "fallback_check_s": round(fallback_s, 3),
         }
         for case, n in (("warm", warm), ("cold", cold), ("bus", bus)):
             if n:

@@ -430,6 +430,14 @@ def t_cc_scale(r: dict[str, Any]) -> str:
         f"| placement: instances per NC | {r['instances_per_nc']['min']}-{r['instances_per_nc']['max']} |",
         f"| boto3 `describe_instances` of all {n:,}, steady | {_s(r['ec2_describe_instances_s'], ' s')} |",
         f"| bus `cc.describe_instances` of all {n:,}, steady | {_s(r['describe_instances_s'], ' s')} |",
+        *(
+            [
+                "| check: with both CCs STOPPED, boto3 `describe_instances` answered from the clc's "
+                f"records (and counted so) after | {_f(r['fallback_check_s'])} s |"
+            ]
+            if "fallback_check_s" in r
+            else []
+        ),
         "",
         "| failure | trials | new CC ENABLED | first answer from the new CC, all running | "
         "slowest answer meanwhile | answers from the clc's records | errors |",
@@ -462,7 +470,7 @@ def t_cc_scale(r: dict[str, Any]) -> str:
     if cost:
         lines += [
             "",
-            f"Cost: the cloud and its {n:,} instances {r['setup_seconds']} s; one trial, "
+            f"Cost: the cloud, its {n:,} instances and the steady figures {r['setup_seconds']} s; one trial, "
             f"restart of the killed process included: {', '.join(cost)}.",
         ]
     return "\n".join(lines)
