@@ -28,8 +28,13 @@ from benchmarks._cloud import Cloud, cli, cloud, ctl, summary
 from euca_runtime import route_targets
 
 SETTINGS = ((0.2, 2), (0.5, 3), (1.0, 3))
-TRIALS = 5
+TRIALS = 10
 GROUPS = ("kv", "clc", "walrus")
+
+
+def probe_timeout(interval: float) -> float:
+    """One probe's timeout under a setting (at most the interval)."""
+    return min(interval, 0.4)
 
 
 def _route_of(c: Cloud, node: str) -> str:
@@ -57,7 +62,7 @@ def _configure(c: Cloud, interval: float, threshold: int) -> None:
     path = c.layout.nodes["node-c"].config
     cfg = yaml.safe_load(path.read_text())
     for r in cfg["routes"]:
-        r.update(interval=interval, threshold=threshold, recover=3, timeout=min(interval, 0.4))
+        r.update(interval=interval, threshold=threshold, recover=3, timeout=probe_timeout(interval))
     cli("down", "--dir", str(c.root), "--node", "node-c")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cli("up", "--dir", str(c.root), "--node", "node-c")
@@ -100,6 +105,7 @@ def run(trials: int = TRIALS) -> dict[str, Any]:
                     "interval_s": interval,
                     "threshold": threshold,
                     "interval_x_threshold_s": round(interval * threshold, 3),
+                    "probe_timeout_s": probe_timeout(interval),
                     "detect_seconds": summary([r["detect"] for r in res]),
                     "backup_enabled_seconds": summary([r["enabled"] for r in res]),
                     "handover_seconds": summary([r["handover"] for r in res]),

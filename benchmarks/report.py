@@ -414,6 +414,110 @@ def t_recovery(r: dict[str, Any]) -> str:
     )
 
 
+def t_cc_scale(r: dict[str, Any]) -> str:
+    poll = r["poll_interval_s"]
+    n = r["instances"]
+    per_call = n // r["run_instances_calls"]
+    lines = [
+        f"{r['instances']:,} instances on {r['ncs']} NCs ({r['nc_processes']} runtime processes, "
+        f"`{r['driver']}` driver), CC poll interval {poll:g} s, the clc (EC2 API) in a process of its "
+        "own; seconds, median (min-max).",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| launch: {r['run_instances_calls']} boto3 `run_instances` of {per_call}, one after the other | "
+        f"{_f(r['run_instances_total_s'], 1)} s |",
+        f"| placement: instances per NC | {r['instances_per_nc']['min']}-{r['instances_per_nc']['max']} |",
+        f"| boto3 `describe_instances` of all {n:,}, steady | {_s(r['ec2_describe_instances_s'], ' s')} |",
+        f"| bus `cc.describe_instances` of all {n:,}, steady | {_s(r['describe_instances_s'], ' s')} |",
+        *(
+            [
+                "| check: with both CCs STOPPED, boto3 `describe_instances` answered from the clc's "
+                f"records (and counted so) after | {_f(r['fallback_check_s'])} s |"
+            ]
+            if "fallback_check_s" in r
+            else []
+        ),
+        "",
+        "| failure | trials | new CC ENABLED | first answer from the new CC, all running | "
+        "slowest answer meanwhile | answers from the clc's records | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    cases = {
+        "warm": "warm: `kill -9` of the CC primary's process; boto3 `describe_instances`",
+        "cold": "cold: `kill -9` of the backup's CC service, then of the primary's process; boto3",
+        "bus": "warm, internal: `kill -9` of the CC primary's process; bus `cc.describe_instances`",
+    }
+    for case, label in cases.items():
+        e = r.get(case)
+        if not e:
+            continue
+        fallbacks = "-" if case == "bus" else str(sum(e["fallback_answers"]))
+        lines.append(
+            f"| {label} | {e['trials']} | {_s(e['cc_enabled_s'], ' s')} | "
+            f"**{_s(e['full_report_s'], ' s')}** | {_s(e['longest_call_s'], ' s')} | {fallbacks} | "
+            f"{e['errors']} |"
+        )
+    warm = r.get("warm", {}).get("full_report_s", {})
+    if warm.get("n"):
+        lines += [
+            "",
+            f"Target (issue 5): the new CC reports every running instance within one poll interval "
+            f"({poll:g} s) of the failure, as DescribeInstances shows it (warm, every trial): "
+            f"**{_f(warm['max'] <= poll)}**.",
+        ]
+    cost = [f"{c} {_s(r[c]['trial_seconds'], ' s', 1)}" for c in cases if c in r and "trial_seconds" in r[c]]
+    if cost:
+        lines += [
+            "",
+            f"Cost: the cloud, its {n:,} instances and the steady figures {r['setup_seconds']} s; one trial, "
+            f"restart of the killed process included: {', '.join(cost)}.",
+        ]
+    return "\n".join(lines)
+
+
+def _bounds(s: dict[str, Any]) -> tuple[float, float] | None:
+    """The detection window of an arbitrator setting: (threshold - 1) x interval, threshold x
+    interval + one probe's timeout (None for results that did not record the timeout)."""
+    if "probe_timeout_s" not in s:
+        return None
+    lo = (s["threshold"] - 1) * s["interval_s"]
+    return lo, s["threshold"] * s["interval_s"] + s["probe_timeout_s"]
+
+
+def t_arbitrator(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['trials_per_setting']} trials per setting, recover {r['recover']}, TCP targets (a cut "
+        "target refuses at once); seconds from the cut, median (min-max).",
+        "",
+        "| interval | threshold | interval x threshold | route DOWN (detect) | backup kv ENABLED | "
+        "hand-over (enabled - detect) | detect in its window |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    inside = []
+    for s in r["settings"]:
+        b = _bounds(s)
+        d = s["detect_seconds"]
+        if b is None or not d.get("n"):
+            window = "n/a"
+        else:
+            ok = b[0] <= d["min"] and d["max"] <= b[1]
+            inside.append(ok)
+            window = f"{_f(b[0], 2)}-{_f(b[1], 2)} s: {_f(ok)}"
+        lines.append(
+            f"| {s['interval_s']:g} s | {s['threshold']} | {s['interval_x_threshold_s']:g} s | "
+            f"{_s(d, ' s')} | {_s(s['backup_enabled_seconds'], ' s')} | {_s(s['handover_seconds'], ' s')} | "
+            f"{window} |"
+        )
+    if inside:
+        lines += [
+            "",
+            "Expected: every detection between (threshold - 1) x interval and threshold x interval "
+            f"+ one probe's timeout: **{_f(all(inside))}**.",
+        ]
+    return "\n".join(lines)
+
+
 SITE_SETTINGS = {
     "default": "ansible.cfg as committed (pipelining, ControlPersist 120 s, forks 20)",
     "no_pipelining": "pipelining off",
@@ -469,6 +573,8 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "machine_kill": t_machine_kill,
     "add_backup": t_add_backup,
     "recovery": t_recovery,
+    "cc_scale": t_cc_scale,
+    "arbitrator": t_arbitrator,
 }
 
 

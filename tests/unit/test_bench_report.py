@@ -62,6 +62,8 @@ def test_every_result_shows_its_machine_load(results: dict[str, Any]) -> None:
     rows = {line.split("|")[1].strip(): line for line in report.runs(results).splitlines()[2:]}
     assert set(rows) == {
         "add_backup",
+        "arbitrator",
+        "cc_scale",
         "failover",
         "failover_timeline",
         "machine_kill",
@@ -69,7 +71,8 @@ def test_every_result_shows_its_machine_load(results: dict[str, Any]) -> None:
         "recovery",
         "site_yml",
     }
-    assert "quiet" in rows["add_backup"]
+    assert "quiet" in rows["add_backup"] and "quiet" in rows["arbitrator"]
+    assert "**loaded: noisy**" in rows["cc_scale"]  # 1-minute load 3.0 at start on 2 CPUs
     assert "**loaded: noisy**" in rows["recovery"]  # 1-minute load 4.5 at start on 2 CPUs
     timeline = rows["failover_timeline"]
     assert "[12.3, 9.1, 6.0]" in timeline and "**loaded: noisy**" in timeline
@@ -140,3 +143,97 @@ def test_add_backup_counts_a_group_in_sync_only_with_the_new_host_disabled_and_i
     assert add_backup.registered_groups(groups, add_backup.GROUPS, "h2") == ["clc", "kv"]
     two_enabled = [_group("clc", ("h1", "ENABLED", True), ("h2", "ENABLED", True))]
     assert add_backup.in_sync_groups(two_enabled, add_backup.GROUPS, {"h1", "h2"}) == []
+
+
+def test_cc_scale_shows_the_ec2_failover_per_case_and_the_poll_interval_target(
+    results: dict[str, Any],
+) -> None:
+    text = report.t_cc_scale(results["cc_scale"])
+    assert "1,000 instances on 50 NCs (5 runtime processes, `record` driver), CC poll interval 1 s" in text
+    assert "| launch: 50 boto3 `run_instances` of 20, one after the other | 6.2 s |" in text
+    assert "| placement: instances per NC | 19-21 |" in text
+    assert "| boto3 `describe_instances` of all 1,000, steady | 0.150 s (0.100-0.360) |" in text
+    assert "records (and counted so) after | 3.012 s |" in text
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines() if "`kill -9`" in line
+    }
+    warm = rows["warm: `kill -9` of the CC primary's process; boto3 `describe_instances`"]
+    assert [c.strip() for c in warm] == [
+        "3",
+        "0.110 s (0.100-0.900)",
+        "**0.250 s (0.200-1.200)**",
+        "0.220 s (0.200-1.100)",
+        "0",
+        "0",
+    ]
+    cold = rows["cold: `kill -9` of the backup's CC service, then of the primary's process; boto3"]
+    assert [c.strip() for c in cold][4:] == ["2", "1"]  # answers from the clc's records, errors
+    bus = rows["warm, internal: `kill -9` of the CC primary's process; bus `cc.describe_instances`"]
+    assert bus[4].strip() == "-"  # the bus has no fallback
+    # the slowest warm trial (1.2 s) is past one poll interval (1 s)
+    assert "within one poll interval (1 s) of the failure" in text and text.count("**NOT met**") == 1
+    assert "Cost: the cloud, its 1,000 instances and the steady figures 14.0 s; one trial" in text
+    assert "warm 1.5 s (1.4-2.0), cold 4.0 s (3.9-6.0), bus 1.8 s (1.7-1.9)" in text
+
+
+def test_cc_scale_target_is_met_when_every_warm_trial_is_within_the_poll_interval(
+    results: dict[str, Any],
+) -> None:
+    r = results["cc_scale"]
+    r["warm"]["full_report_s"]["max"] = 0.99
+    assert "(warm, every trial): **met**." in report.t_cc_scale(r)
+    del r["cold"], r["bus"], r["fallback_check_s"]  # a result from before the check
+    text = report.t_cc_scale(r)
+    assert "check: with both CCs STOPPED" not in text
+    assert "| cold:" not in text and "| warm, internal:" not in text and "cold " not in text.split("Cost:")[1]
+
+
+def test_arbitrator_checks_each_setting_against_its_detection_window(results: dict[str, Any]) -> None:
+    text = report.t_arbitrator(results["arbitrator"])
+    lines = text.splitlines()
+    assert (
+        "| 0.2 s | 2 | 0.4 s | 0.350 s (0.340-0.400) | 0.480 s (0.430-0.500) | 0.100 s (0.090-0.140) | "
+        "0.20-0.60 s: met |" in lines
+    )
+    # detect max 3.5 s > 3 x 1.0 + 0.4 s timeout: outside the window
+    assert any(
+        line.startswith("| 1 s | 3 | 3 s |") and line.endswith("2.00-3.40 s: NOT met |") for line in lines
+    )
+    # a result from before the probe timeout was recorded: no window
+    assert any(line.startswith("| 0.5 s | 3 | 1.5 s |") and line.endswith("| n/a |") for line in lines)
+    assert "+ one probe's timeout: **NOT met**." in text
+    results["arbitrator"]["settings"][1]["detect_seconds"]["max"] = 3.0
+    assert "+ one probe's timeout: **met**." in report.t_arbitrator(results["arbitrator"])
+
+
+def test_the_page_has_the_cc_and_arbitrator_sections(results: dict[str, Any], tmp_path: Path) -> None:
+    page = report.render(results, report.TEMPLATE.read_text(), "fixture.json", tmp_path)
+    cc = page.split("## The CC at scale")[1].split("\n## ")[0]
+    assert "_Run 2026-11-25T06:00:00+00:00" in cc and "these figures are noisy" in cc
+    assert "make bench BENCH=cc_scale" in cc and "How the figures scale" in cc
+    arb = page.split("## Arbitrator detection time")[1].split("\n## ")[0]
+    assert "_Run 2026-11-25T07:00:00+00:00" in arb and "noisy" not in arb
+    assert "make bench BENCH=arbitrator" in arb and "How the figures scale" in arb
+    empty = report.render({}, report.TEMPLATE.read_text(), "empty.json", tmp_path)
+    assert "_Not in empty.json: run `make bench BENCH=cc_scale`._" in empty
+    assert "_Not in empty.json: run `make bench BENCH=arbitrator`._" in empty
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_docs_point_at_sections_that_exist() -> None:
+    docs = report.ROOT / "docs"
+    anchors = {_slug(line[3:]) for line in report.TEMPLATE.read_text().splitlines() if line.startswith("## ")}
+    links = [
+        m.group(1)
+        for name in ("cluster.md", "arbitrator.md")
+        for m in re.finditer(r"\(performance\.md#([\w-]+)\)", (docs / name).read_text())
+    ]
+    assert set(links) == {
+        "the-cc-at-scale-and-its-failover-as-ec2-users-see-it-cc_scale",
+        "arbitrator-detection-time-arbitrator",
+    }
+    assert set(links) <= anchors
