@@ -5,6 +5,10 @@ them (unreplicated, replicated, unreplicated, ...), so drift in the machine's lo
 alike. Each measurement is `clients` keep-alive HTTP connections PUTting unique 100-byte keys
 to the kv API of the ENABLED instance's process for `seconds`. Target: replication costs at
 most 1.5x (latency p50/p99 and throughput), DESIGN.md section 7.
+
+The same run then measures the floor (`benchmarks.bus_floor`): what one bus round trip plus a
+backup's durable write add by themselves on this machine, and the one-client ratio a write
+would have if replication added only that (`floor.ratio_1_client`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import statistics
 from typing import Any
 
+from benchmarks import bus_floor
 from benchmarks._cloud import cloud, load, summary
 
 TARGET = 1.5
@@ -59,4 +64,9 @@ def run(trials: int = 5, seconds: float = 4.0, clients: tuple[int, ...] = (1, 32
         row["cost_ratio"] = ratios
         row["met"] = all(v <= TARGET for v in ratios.values()) and r_["errors"] == 0
         out[f"clients_{n}"] = row
+    if 1 in clients:
+        floor = bus_floor.run()
+        base_us = out["clients_1"]["unreplicated"]["p50_ms"]["p50"] * 1000
+        floor["ratio_1_client"] = round((base_us + floor["added_by_backup_us"]) / base_us, 2)
+        out["floor"] = floor
     return out

@@ -96,6 +96,19 @@ def t_replication_cost(r: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
         *ratios,
     ]
+    floor = r.get("floor")
+    if floor:
+        lines += [
+            "",
+            f"The floor on this machine (`bus_floor`, same run; median of {floor['rounds']} rounds of "
+            f"{floor['requests']} calls, in us):",
+            "",
+            "| bus round trip | local durable write | remote durable write | send first (both) | "
+            "added by the backup | 1-client ratio at the floor |",
+            "|---|---|---|---|---|---|",
+            f"| {floor['noop_us']['p50']} | {floor['local_us']['p50']} | {floor['remote_us']['p50']} | "
+            f"{floor['send_first_us']['p50']} | {floor['added_by_backup_us']} | {floor['ratio_1_client']}x |",
+        ]
     return "\n".join(lines)
 
 

@@ -237,3 +237,30 @@ def test_the_docs_point_at_sections_that_exist() -> None:
         "arbitrator-detection-time-arbitrator",
     }
     assert set(links) <= anchors
+
+
+def test_replication_cost_shows_the_floor_beside_the_ratios() -> None:
+    cell = {"p50": 1.0, "min": 1.0, "max": 1.0}
+    mode = {"rate": cell, "p50_ms": cell, "p99_ms": cell, "errors": 0}
+    row = {
+        "unreplicated": mode,
+        "replicated": mode,
+        "cost_ratio": {"p50_latency": 1.7, "p99_latency": 1.4, "throughput": 1.6},
+        "met": False,
+    }
+    floor = {
+        "rounds": 3,
+        "requests": 1500,
+        "noop_us": {"p50": 120.0},
+        "local_us": {"p50": 130.0},
+        "remote_us": {"p50": 300.0},
+        "send_first_us": {"p50": 380.0},
+        "added_by_backup_us": 250.0,
+        "ratio_1_client": 1.28,
+    }
+    r = {"trials": 5, "seconds_per_trial": 4.0, "target_ratio": 1.5, "clients_1": row, "floor": floor}
+    table = report.t_replication_cost(r)
+    assert "| 1 | 1.7x | 1.4x | 1.6x | <= 1.5x |" in table
+    assert "| 120.0 | 130.0 | 300.0 | 380.0 | 250.0 | 1.28x |" in table
+    del r["floor"]
+    assert "floor" not in report.t_replication_cost(r)
