@@ -1173,10 +1173,14 @@ class Ec2:
         )
         return done
 
-    async def _detach(self, zone: str, vid: str, iid: str, timeout: float) -> dict[str, Any]:
+    async def _detach(self, zone: str, vid: str, iid: str, timeout: float) -> dict[str, Any] | None:
         """The detach protocol, the mirror image: ``sc.mark_detached`` status ``detaching``,
         ``cc.detach_volume`` (a refusal means the NC does not have it: nothing to undo), then
-        ``sc.mark_detached`` (the volume is ``available`` only once the NC let go)."""
+        ``sc.mark_detached`` (the volume is ``available`` only once the NC let go).
+
+        An instance whose NC is ``lost`` may still use the volume: it stays ``detaching`` (None
+        is returned), and the reconciler finishes the detach once the NC answers (or frees it
+        when the instance's terminate is confirmed, `_drive_terminate`)."""
         with contextlib.suppress(RequestError):  # already detaching, or detached meanwhile
             await self._call(
                 "sc",
@@ -1188,9 +1192,20 @@ class Ec2:
         try:
             await self._call("cc", zone, "cc.detach_volume", {"instance_id": iid, "volume_id": vid}, timeout)
         except RequestError as exc:
+            if await self._is_lost(iid, timeout):
+                log.info("detach waits for the nc", extra={"volume": vid, "instance": iid})
+                return None
             log.info("nc had no such attachment", extra={"volume": vid, "instance": iid, "code": exc.kind})
         done: dict[str, Any] = await self._call("sc", zone, "sc.mark_detached", {"volume_id": vid}, timeout)
         return done
+
+    async def _is_lost(self, iid: str, timeout: float) -> bool:
+        """Whether the CC reports instance `iid` ``lost`` (its NC does not answer)."""
+        row = self._row("ec2_instance", iid)
+        if row is None:
+            return False
+        live = (await self._live([row], timeout)).get(iid)
+        return live is not None and live.get("state") == "lost"
 
     def _attachment_doc(
         self, vid: str, iid: str, device: str, status: str, ts: float | None
@@ -1274,7 +1289,11 @@ class Ec2:
                     f"Attachment point {want_device or att['device']} of instance "
                     f"{want_iid or att['instance_id']} is not attached to volume {vid}",
                 )
-            await self._detach(zone, vid, att["instance_id"], CALL_TIMEOUT)
+            done = await self._detach(zone, vid, att["instance_id"], CALL_TIMEOUT)
+        if done is None:  # the instance's NC is lost: finished by the reconciler
+            return self._attachment_doc(
+                vid, att["instance_id"], att["device"], "detaching", att.get("attach_time")
+            )
         log.info("volume detached", extra={"volume": vid, "instance": att["instance_id"]})
         return self._attachment_doc(
             vid, att["instance_id"], att["device"], "detached", att.get("attach_time")

@@ -490,9 +490,9 @@ def test_instances_of_a_dead_nc_are_lost_also_for_a_cold_cc(ha_cloud: Cloud) -> 
     ticks = {i: proc_start_ticks(pids[i]) for i in ids}
     lost = {i: [(96, "lost")] for i in ids}
 
-    def volume() -> tuple[str, list[str]]:
+    def volume() -> tuple[str, list[tuple[str, str]]]:
         [v] = ec2.describe_volumes(VolumeIds=[kept])["Volumes"]
-        return v["State"], [a["InstanceId"] for a in v["Attachments"]]
+        return v["State"], [(a["InstanceId"], a["State"]) for a in v["Attachments"]]
 
     def terminate(iid: str) -> list[tuple[int, str, int, str]]:
         term = ec2.terminate_instances(InstanceIds=[iid])["TerminatingInstances"]
@@ -517,7 +517,7 @@ def test_instances_of_a_dead_nc_are_lost_also_for_a_cold_cc(ha_cloud: Cloud) -> 
     ec2.delete_volume(VolumeId=vid)
     assert terminate(ids[0]) == [(96, "lost", 32, "shutting-down")]  # the CC cannot reach its NC
     assert listed(ec2) == {**lost, ids[0]: [(32, "shutting-down")]}
-    assert volume() == ("in-use", [ids[0]])  # the NC may still use it
+    assert volume() == ("in-use", [(ids[0], "attached")])  # the NC may still use it
 
     old = {
         n: wait_until(lambda n=n: cc_service_pid(ha_cloud, n), what=f"{n}'s cc") for n in ("node-a", "node-b")
@@ -538,7 +538,13 @@ def test_instances_of_a_dead_nc_are_lost_also_for_a_cold_cc(ha_cloud: Cloud) -> 
         ids[1]: [(32, "shutting-down")],
         ids[2]: [(96, "lost")],
     }
-    assert volume() == ("in-use", [ids[0]])
+    assert volume() == ("in-use", [(ids[0], "attached")])
+    # A detach cannot reach the NC either: "detaching", the volume is not freed behind the NC.
+    assert ec2.detach_volume(VolumeId=kept)["State"] == "detaching"
+    assert volume() == ("in-use", [(ids[0], "detaching")])
+    with pytest.raises(ClientError) as e:
+        ec2.delete_volume(VolumeId=kept)
+    assert code(e) == "VolumeInUse"
     assert {i: proc_start_ticks(pids[i]) for i in ids} == ticks  # every placeholder lives on
 
     run_cli("up", "--dir", str(ha_cloud.root), "--node", "node-c")

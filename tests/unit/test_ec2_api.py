@@ -320,16 +320,16 @@ def test_terminating_an_instance_of_a_lost_nc_waits_for_the_nc(cloud: Cloud) -> 
             for t in term["TerminatingInstances"]
         ]
 
-    def volume() -> tuple[str, list[str]]:
+    def volume() -> tuple[str, list[tuple[str, str]]]:
         [v] = cloud.api("DescribeVolumes", VolumeIds=[vid])["Volumes"]
-        return v["State"], [a["InstanceId"] for a in v["Attachments"]]
+        return v["State"], [(a["InstanceId"], a["State"]) for a in v["Attachments"]]
 
     cloud.cc.nc_lost = True
     term = cloud.api("TerminateInstances", rid="term-0", InstanceIds=[ids[0]])
     assert states(term) == [(ids[0], 96, "lost", 32, "shutting-down")]
     assert cloud.cc.instances[ids[0]]["state"] == "running"  # the NC still runs it
     assert shown() == {ids[0]: (32, "shutting-down"), ids[1]: (96, "lost")}
-    assert volume() == ("in-use", [ids[0]])  # the NC may still use it
+    assert volume() == ("in-use", [(ids[0], "attached")])  # the NC may still use it
     cloud.run(cloud.clc.ec2.reconcile())
     assert shown() == {ids[0]: (32, "shutting-down"), ids[1]: (96, "lost")}
     # The same request again (its retry after a clc failover): the same answer, nothing else.
@@ -344,7 +344,12 @@ def test_terminating_an_instance_of_a_lost_nc_waits_for_the_nc(cloud: Cloud) -> 
     cloud.run(cloud.clc.ec2.reconcile())
     assert shown() == dict.fromkeys(ids, (32, "shutting-down"))
     assert {i: cloud.cc.unseen[i]["state"] for i in ids} == dict.fromkeys(ids, "running")
-    assert volume() == ("in-use", [ids[0]])
+    assert volume() == ("in-use", [(ids[0], "attached")])
+    # Detaching it cannot reach the NC either: it stays "detaching", never freed behind the NC.
+    assert cloud.api("DetachVolume", VolumeId=vid)["State"] == "detaching"
+    cloud.run(cloud.clc.ec2.reconcile())
+    assert volume() == ("in-use", [(ids[0], "detaching")])
+    assert code(cloud.api("DeleteVolume", VolumeId=vid)) == "VolumeInUse"
 
     cloud.cc.nc_back()
     assert shown() == dict.fromkeys(ids, (32, "shutting-down"))  # running again at the NC
