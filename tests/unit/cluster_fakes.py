@@ -6,8 +6,8 @@
   number of instance slots on one NC ``nc-1``; `down` makes every call fail as an unreachable
   group does; `nc_lost` makes the NC stop answering (its instances are reported ``lost``, a
   terminate or attach/detach cannot reach them), `restart_cold` stands for a CC enabled afresh,
-  whose view has no instance of a lost NC (the NC still runs them), and `nc_back` for the NC
-  answering again with every instance it ran.
+  whose view has no instance of a lost NC (the NC still runs them), `nc_back` for the NC
+  answering again with every instance it ran, and `deregister_nc` for the operator removing it.
 - `Bus`: routes `call(type, zone, method, body)` to a `FakeCC` or a real `Sc` component, and
   answers `resolve(group)` (which groups have an ENABLED instance) like `Node.resolve`.
 """
@@ -76,6 +76,7 @@ class FakeCC:
         self.calls: list[tuple[str, Any]] = []
         self.down = False
         self.nc_lost = False
+        self.nc_gone = False
         self.unseen: dict[str, dict[str, Any]] = {}
         """Instances the NC runs that a cold CC never saw (back in the view with `nc_back`)."""
 
@@ -85,12 +86,21 @@ class FakeCC:
             self.unseen.update(self.instances)
             self.instances.clear()
 
+    def deregister_nc(self) -> None:
+        """The operator deregisters the lost NC: the CC forgets it and every instance on it."""
+        self.instances.clear()
+        self.unseen.clear()
+        self.nc_gone = True
+
     def nc_back(self) -> None:
         """The NC answers again: the CC's next poll sees every instance it runs."""
         self.nc_lost = False
         for iid, inst in self.unseen.items():
             self.instances.setdefault(iid, inst)
         self.unseen.clear()
+
+    def _nodes(self) -> dict[str, str]:
+        return {} if self.nc_gone else {"nc-1": "lost" if self.nc_lost else "up"}
 
     def _running(self) -> int:
         return sum(1 for i in self.instances.values() if i["state"] != "terminated")
@@ -129,7 +139,7 @@ class FakeCC:
                     for k, i in self.instances.items()
                     if ids is None or k in ids
                 ],
-                "nodes": {"nc-1": "lost" if self.nc_lost else "up"},
+                "nodes": self._nodes(),
             }
         if method == "cc.terminate_instances":
             out: list[dict[str, Any]] = []
@@ -147,7 +157,7 @@ class FakeCC:
                     out.append(
                         {"instance_id": iid, "previous_state": prev, "state": "terminated", "node": "nc-1"}
                     )
-            return {"instances": out, "nodes": {"nc-1": "lost" if self.nc_lost else "up"}}
+            return {"instances": out, "nodes": self._nodes()}
         if method in ("cc.attach_volume", "cc.detach_volume"):
             i = self.instances.get(body["instance_id"])
             if i is None or i["state"] == "terminated":

@@ -368,6 +368,32 @@ def test_terminating_an_instance_of_a_lost_nc_waits_for_the_nc(cloud: Cloud) -> 
     assert len(more["Instances"]) == 4  # the capacity is free again
 
 
+def test_a_lost_nc_deregistered_ends_the_terminate_of_its_instances(cloud: Cloud) -> None:
+    """An NC that will never come back: once the operator deregisters it, the CC forgets it, and
+    the reconciler takes the CC's ``terminated`` as final and frees the volume."""
+    iid = cloud.api("RunInstances", ImageId=DEFAULT_IMAGE_ID, MinCount=1, MaxCount=1)["Instances"][0][
+        "InstanceId"
+    ]
+    vid = cloud.api("CreateVolume", AvailabilityZone=ZONE, Size=1)["VolumeId"]
+    cloud.api("DescribeInstances")
+    cloud.api("AttachVolume", VolumeId=vid, InstanceId=iid, Device="/dev/sdf")
+    cloud.cc.nc_lost = True
+
+    def state() -> str:
+        desc = cloud.api("DescribeInstances", InstanceIds=[iid])
+        return str(desc["Reservations"][0]["Instances"][0]["State"]["Name"])
+
+    term = cloud.api("TerminateInstances", InstanceIds=[iid])
+    assert term["TerminatingInstances"][0]["CurrentState"]["Name"] == "shutting-down"
+    cloud.run(cloud.clc.ec2.reconcile())
+    assert state() == "shutting-down"
+    assert cloud.api("DescribeVolumes", VolumeIds=[vid])["Volumes"][0]["State"] == "in-use"
+    cloud.cc.deregister_nc()
+    cloud.run(cloud.clc.ec2.reconcile())
+    assert state() == "terminated"
+    assert cloud.api("DescribeVolumes", VolumeIds=[vid])["Volumes"][0]["State"] == "available"
+
+
 def test_an_instance_missing_from_an_up_nc_keeps_the_clcs_state(cloud: Cloud) -> None:
     """Only a lost NC makes a missing instance ``lost``: an NC that answers without it (a CC
     whose view is older than the launch) leaves the clc's last known state."""
