@@ -355,7 +355,8 @@ def test_deletes_retried_after_a_failover_get_the_first_answer(ha_cloud: Cloud) 
     primary, retried with the same request id at the new one (what the EC2 front end's bus call
     does when the answer is lost with the primary), answer success, not
     InvalidSnapshot.NotFound / InvalidVolume.NotFound. A new request for the same snapshot or
-    volume still gets the EC2 error; terminating a terminated instance succeeds anyway (EC2)."""
+    volume still gets the EC2 error; terminating a terminated instance succeeds anyway (EC2).
+    The retried TerminateInstances answers the previous state its first attempt saw."""
 
     def settled() -> bool:
         s = {x["name"]: x for x in ha_cloud.services()}
@@ -387,9 +388,12 @@ def test_deletes_retried_after_a_failover_get_the_first_answer(ha_cloud: Cloud) 
         ("DeleteVolume", {"VolumeId": vid}, "InvalidVolume.NotFound"),
         ("TerminateInstances", {"InstanceId.1": iid}, None),
     ]
+    first = {}
     for name, params, _ in deletes:
         status, out = action("node-a", name, params, f"rq-{name}")
         assert status == 200, (name, out)
+        first[name] = out["result"]
+    assert first["TerminateInstances"]["instancesSet"][0]["previousState"]["name"] == "running"
     os.kill(ha_cloud.pid("node-a"), signal.SIGKILL)
     wait_until(
         lambda: ha_cloud.enabled("clc", via="node-b") == "node-b.clc", timeout=30, what="node-b.clc ENABLED"
@@ -397,6 +401,11 @@ def test_deletes_retried_after_a_failover_get_the_first_answer(ha_cloud: Cloud) 
     for name, params, error in deletes:
         status, out = action("node-b", name, params, f"rq-{name}")
         assert status == 200, (name, out)
+        if name == "TerminateInstances":  # the retry answers the previous state the first saw
+            assert (
+                out["result"]["instancesSet"][0]["previousState"]
+                == first[name]["instancesSet"][0]["previousState"]
+            ), out
         status, out = action("node-b", name, params, f"rq-{name}-new")
         if error is None:
             assert status == 200, (name, out)
