@@ -18,8 +18,10 @@ Records carry a ``phase``: the clc's intent, written before the physical step an
 (``launching`` -> ``launched``, ``terminating`` -> ``terminated``, ``creating`` -> ``created``,
 ``deleting`` -> gone). A failover between the two writes leaves the intent, which the next ENABLED
 clc's reconciler (every `RECONCILE_INTERVAL` s) drives to its end with the same ids (every CC and SC
-method is idempotent by id). Attachments live in the SC with their own transitional states, see
-`Ec2._attach` (docs/api.md, "EC2", for the ordering argument).
+method is idempotent by id). ``terminating`` ends only when the instance's NC confirms the stop: it
+lasts (shown ``shutting-down``) while that NC is lost, see `Ec2._drive_terminate`. Attachments live
+in the SC with their own transitional states, see `Ec2._attach` (docs/api.md, "EC2", for the
+ordering argument).
 """
 
 from __future__ import annotations
