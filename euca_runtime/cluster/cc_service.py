@@ -427,7 +427,8 @@ class CCService:
             if not res.get("unknown"):
                 self._note(node, res)
             out.append({"instance_id": iid, "previous_state": prev, "state": res.get("state"), "node": node})
-        return {"instances": out}
+        nodes = {name: n.state for name, n in sorted(self.view.nodes.items())}
+        return {"instances": out, "nodes": nodes}
 
     async def volume(self, name: str, body: Mapping[str, Any], epoch: int) -> dict[str, Any]:
         iid = _field(body, "instance_id")

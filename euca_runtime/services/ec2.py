@@ -18,14 +18,17 @@ Records carry a ``phase``: the clc's intent, written before the physical step an
 (``launching`` -> ``launched``, ``terminating`` -> ``terminated``, ``creating`` -> ``created``,
 ``deleting`` -> gone). A failover between the two writes leaves the intent, which the next ENABLED
 clc's reconciler (every `RECONCILE_INTERVAL` s) drives to its end with the same ids (every CC and SC
-method is idempotent by id). Attachments live in the SC with their own transitional states, see
-`Ec2._attach` (docs/api.md, "EC2", for the ordering argument).
+method is idempotent by id). ``terminating`` ends only when the instance's NC confirms the stop: it
+lasts (shown ``shutting-down``) while that NC is lost, see `Ec2._drive_terminate`. Attachments live
+in the SC with their own transitional states, see `Ec2._attach` (docs/api.md, "EC2", for the
+ordering argument).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import secrets
 import time
@@ -258,11 +261,21 @@ class Ec2:
 
         return row_delete_op(table, [key])
 
-    def _done_ops(self, rid: str, action: str) -> list[dict[str, Any]]:
-        """Ops recording that request `rid` deletes something (`euca_runtime.store.requests`)."""
+    def _done_ops(self, rid: str, action: str, result: str | None = None) -> list[dict[str, Any]]:
+        """Ops recording that request `rid` deletes (or terminates) something, with what its
+        retry answers (`result`; `euca_runtime.store.requests`)."""
         from euca_runtime.services.clc import CLC_REQUESTS
 
-        return CLC_REQUESTS.ops(self._cache(), rid, action, time.time())
+        return CLC_REQUESTS.ops(self._cache(), rid, action, time.time(), result)
+
+    def _done_result(self, rid: str, action: str) -> str | None:
+        """The `result` request `rid` recorded when it took effect as `action` (None: none)."""
+        from euca_runtime.services.clc import CLC_REQUESTS
+
+        row = CLC_REQUESTS.row(self._cache(), rid)
+        if row is None or row["action"] != action:
+            return None
+        return row["result"]  # type: ignore[no-any-return]
 
     def _deleted_by(self, rid: str, table: str, key: str) -> bool:
         """Whether the record `key` is gone and request `rid` deleted it: the request's retry
@@ -636,14 +649,26 @@ class Ec2:
         log.info("instances launched", extra={"reservation": res_id, "zone": zone, "instances": len(rows)})
 
     async def _drive_terminate(self, res_id: str, *, timeout: float = CALL_TIMEOUT) -> None:
-        """Terminate the reservation's ``terminating`` instances through the CC, free their
-        volumes in the SC, then record them terminated."""
+        """Terminate the reservation's ``terminating`` instances through the CC; those it
+        confirms stopped (`_stopped`) have their volumes freed in the SC and are recorded
+        terminated. One the CC cannot reach (its NC is ``lost``) stays ``terminating``, shown
+        ``shutting-down``, its volumes still attached (the NC may still use them): the
+        reconciler asks again every pass until the NC answers."""
         rows = [i for i in self._instances_of(res_id) if i["phase"] == "terminating"]
         if not rows:
             return
         zone = rows[0]["zone"]
         ids = [i["instance_id"] for i in rows]
-        await self._call("cc", zone, "cc.terminate_instances", {"instance_ids": ids}, timeout)
+        res = await self._call("cc", zone, "cc.terminate_instances", {"instance_ids": ids}, timeout)
+        answers = {str(d.get("instance_id")): d for d in (res or {}).get("instances", [])}
+        nodes = (res or {}).get("nodes") or {}
+        stopped = [i for i in rows if self._stopped(i, answers.get(i["instance_id"]), nodes)]
+        waiting = [i["instance_id"] for i in rows if i not in stopped]
+        if waiting:
+            log.debug("terminate waits for the nc", extra={"reservation": res_id, "instances": waiting})
+        if not stopped:
+            return
+        ids = [i["instance_id"] for i in stopped]
         vols = (await self._call("sc", zone, "sc.describe_volumes", {"volume_ids": None}, timeout))["volumes"]
         for v in vols:
             att = v.get("attachment")
@@ -655,10 +680,21 @@ class Ec2:
                 self._put(
                     "ec2_instance", {**i, "phase": "terminated", "state": "terminated", "terminated_ts": now}
                 )
-                for i in rows
+                for i in stopped
             ]
         )
         log.info("instances terminated", extra={"reservation": res_id, "instances": ids})
+
+    @staticmethod
+    def _stopped(row: Mapping[str, Any], answer: Mapping[str, Any] | None, nodes: Mapping[str, Any]) -> bool:
+        """Whether the CC's `answer` to ``cc.terminate_instances`` confirms that `row`'s instance
+        no longer runs: ``terminated`` from its NC (``node`` set: the NC stopped it, or never ran
+        it), or ``terminated`` for an id the CC never saw whose recorded NC the CC does not report
+        ``lost`` (`nodes`; a CC enabled cold after that NC died has no record of its instances,
+        so its ``terminated`` says nothing about them). ``lost``: its NC cannot be reached."""
+        if answer is None or answer.get("state") != "terminated":
+            return False
+        return bool(answer.get("node")) or not row["node"] or nodes.get(row["node"]) != "lost"
 
     def _reservation_doc(self, res: Mapping[str, Any], instances: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -886,6 +922,11 @@ class Ec2:
         rows = self._owned_instances(caller, ids)
         previous = await self._live(rows, DESCRIBE_TIMEOUT)
         before = {r["instance_id"]: self._shown_state(r, previous) for r in rows}
+        # A retry of this request (same request id, after a clc failover) answers the previous
+        # states the first attempt saw, recorded with its terminating write.
+        first = self._done_result(rid, "TerminateInstances")
+        if first is not None:
+            before.update({k: str(v) for k, v in json.loads(first).items() if k in before})
         for res_id in sorted({r["reservation_id"] for r in rows}):
             async with self._lock(res_id):
                 mine = [
@@ -893,7 +934,13 @@ class Ec2:
                     for r in self._instances_of(res_id)
                     if r["instance_id"] in before and r["phase"] in ("launching", "launched")
                 ]
-                await self._write([self._put("ec2_instance", {**r, "phase": "terminating"}) for r in mine])
+                if mine:
+                    await self._write(
+                        [
+                            *(self._put("ec2_instance", {**r, "phase": "terminating"}) for r in mine),
+                            *self._done_ops(rid, "TerminateInstances", json.dumps(before, sort_keys=True)),
+                        ]
+                    )
                 try:
                     await self._drive_terminate(res_id)
                 except ServiceUnavailable as exc:
@@ -1128,10 +1175,14 @@ class Ec2:
         )
         return done
 
-    async def _detach(self, zone: str, vid: str, iid: str, timeout: float) -> dict[str, Any]:
+    async def _detach(self, zone: str, vid: str, iid: str, timeout: float) -> dict[str, Any] | None:
         """The detach protocol, the mirror image: ``sc.mark_detached`` status ``detaching``,
         ``cc.detach_volume`` (a refusal means the NC does not have it: nothing to undo), then
-        ``sc.mark_detached`` (the volume is ``available`` only once the NC let go)."""
+        ``sc.mark_detached`` (the volume is ``available`` only once the NC let go).
+
+        An instance whose NC is ``lost`` may still use the volume: it stays ``detaching`` (None
+        is returned), and the reconciler finishes the detach once the NC answers (or frees it
+        when the instance's terminate is confirmed, `_drive_terminate`)."""
         with contextlib.suppress(RequestError):  # already detaching, or detached meanwhile
             await self._call(
                 "sc",
@@ -1143,9 +1194,20 @@ class Ec2:
         try:
             await self._call("cc", zone, "cc.detach_volume", {"instance_id": iid, "volume_id": vid}, timeout)
         except RequestError as exc:
+            if await self._is_lost(iid, timeout):
+                log.info("detach waits for the nc", extra={"volume": vid, "instance": iid})
+                return None
             log.info("nc had no such attachment", extra={"volume": vid, "instance": iid, "code": exc.kind})
         done: dict[str, Any] = await self._call("sc", zone, "sc.mark_detached", {"volume_id": vid}, timeout)
         return done
+
+    async def _is_lost(self, iid: str, timeout: float) -> bool:
+        """Whether the CC reports instance `iid` ``lost`` (its NC does not answer)."""
+        row = self._row("ec2_instance", iid)
+        if row is None:
+            return False
+        live = (await self._live([row], timeout)).get(iid)
+        return live is not None and live.get("state") == "lost"
 
     def _attachment_doc(
         self, vid: str, iid: str, device: str, status: str, ts: float | None
@@ -1229,7 +1291,11 @@ class Ec2:
                     f"Attachment point {want_device or att['device']} of instance "
                     f"{want_iid or att['instance_id']} is not attached to volume {vid}",
                 )
-            await self._detach(zone, vid, att["instance_id"], CALL_TIMEOUT)
+            done = await self._detach(zone, vid, att["instance_id"], CALL_TIMEOUT)
+        if done is None:  # the instance's NC is lost: finished by the reconciler
+            return self._attachment_doc(
+                vid, att["instance_id"], att["device"], "detaching", att.get("attach_time")
+            )
         log.info("volume detached", extra={"volume": vid, "instance": att["instance_id"]})
         return self._attachment_doc(
             vid, att["instance_id"], att["device"], "detached", att.get("attach_time")

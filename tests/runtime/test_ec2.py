@@ -22,6 +22,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from runtime_harness import Cloud, cc_service_pid, placeholders, run_cli, wait_until
 
+from euca_runtime.cluster.driver import proc_start_ticks
+
 AWS = str(Path(sys.executable).parent / "aws")
 ZONE = "cluster01"
 IMAGE = "emi-00000001"
@@ -353,7 +355,8 @@ def test_deletes_retried_after_a_failover_get_the_first_answer(ha_cloud: Cloud) 
     primary, retried with the same request id at the new one (what the EC2 front end's bus call
     does when the answer is lost with the primary), answer success, not
     InvalidSnapshot.NotFound / InvalidVolume.NotFound. A new request for the same snapshot or
-    volume still gets the EC2 error; terminating a terminated instance succeeds anyway (EC2)."""
+    volume still gets the EC2 error; terminating a terminated instance succeeds anyway (EC2).
+    The retried TerminateInstances answers the previous state its first attempt saw."""
 
     def settled() -> bool:
         s = {x["name"]: x for x in ha_cloud.services()}
@@ -385,9 +388,12 @@ def test_deletes_retried_after_a_failover_get_the_first_answer(ha_cloud: Cloud) 
         ("DeleteVolume", {"VolumeId": vid}, "InvalidVolume.NotFound"),
         ("TerminateInstances", {"InstanceId.1": iid}, None),
     ]
+    first = {}
     for name, params, _ in deletes:
         status, out = action("node-a", name, params, f"rq-{name}")
         assert status == 200, (name, out)
+        first[name] = out["result"]
+    assert first["TerminateInstances"]["instancesSet"][0]["previousState"]["name"] == "running"
     os.kill(ha_cloud.pid("node-a"), signal.SIGKILL)
     wait_until(
         lambda: ha_cloud.enabled("clc", via="node-b") == "node-b.clc", timeout=30, what="node-b.clc ENABLED"
@@ -395,6 +401,11 @@ def test_deletes_retried_after_a_failover_get_the_first_answer(ha_cloud: Cloud) 
     for name, params, error in deletes:
         status, out = action("node-b", name, params, f"rq-{name}")
         assert status == 200, (name, out)
+        if name == "TerminateInstances":  # the retry answers the previous state the first saw
+            assert (
+                out["result"]["instancesSet"][0]["previousState"]
+                == first[name]["instancesSet"][0]["previousState"]
+            ), out
         status, out = action("node-b", name, params, f"rq-{name}-new")
         if error is None:
             assert status == 200, (name, out)
@@ -469,7 +480,11 @@ def test_cc_failover_seen_through_describe_instances(ha_cloud: Cloud) -> None:
 def test_instances_of_a_dead_nc_are_lost_also_for_a_cold_cc(ha_cloud: Cloud) -> None:
     """The NC's runtime dies (its instances live on): DescribeInstances shows them ``lost``
     (code 96), EC2 goes on. Both CC services killed, the CC enabled next starts cold and never
-    sees those instances: still ``lost``, not the clc's ``running``. The NC back: ``running``."""
+    sees those instances: still ``lost``, not the clc's ``running``. TerminateInstances of a
+    lost instance (through the CC that knows it lost, and through the cold one) answers
+    ``shutting-down`` (32) and stays so, its volume still attached. The NC back: the
+    placeholders of the terminated instances are stopped, they show ``terminated``, the volume
+    is ``available`` and their capacity free; the other instance is ``running``."""
     ec2 = client(ha_cloud, "node-a")
     ids = sorted(
         i["InstanceId"]
@@ -478,7 +493,27 @@ def test_instances_of_a_dead_nc_are_lost_also_for_a_cold_cc(ha_cloud: Cloud) -> 
         ]
     )
     wait_until(lambda: listed(ec2) == {i: [(16, "running")] for i in ids}, timeout=30, what="running")
+    kept = ec2.create_volume(AvailabilityZone=ZONE, Size=1)["VolumeId"]
+    assert ec2.attach_volume(VolumeId=kept, InstanceId=ids[0], Device="/dev/sdf")["State"] == "attached"
+    pids = placeholders(ha_cloud.root)
+    ticks = {i: proc_start_ticks(pids[i]) for i in ids}
     lost = {i: [(96, "lost")] for i in ids}
+
+    def volume() -> tuple[str, list[tuple[str, str]]]:
+        [v] = ec2.describe_volumes(VolumeIds=[kept])["Volumes"]
+        return v["State"], [(a["InstanceId"], a["State"]) for a in v["Attachments"]]
+
+    def terminate(iid: str) -> list[tuple[int, str, int, str]]:
+        term = ec2.terminate_instances(InstanceIds=[iid])["TerminatingInstances"]
+        return [
+            (
+                t["PreviousState"]["Code"],
+                t["PreviousState"]["Name"],
+                t["CurrentState"]["Code"],
+                t["CurrentState"]["Name"],
+            )
+            for t in term
+        ]
 
     os.kill(ha_cloud.pid("node-c"), signal.SIGKILL)
     wait_until(lambda: listed(ec2) == lost, timeout=30, what="instances lost")
@@ -489,6 +524,9 @@ def test_instances_of_a_dead_nc_are_lost_also_for_a_cold_cc(ha_cloud: Cloud) -> 
     assert code(e) == "InsufficientInstanceCapacity"
     vid = ec2.create_volume(AvailabilityZone=ZONE, Size=1)["VolumeId"]
     ec2.delete_volume(VolumeId=vid)
+    assert terminate(ids[0]) == [(96, "lost", 32, "shutting-down")]  # the CC cannot reach its NC
+    assert listed(ec2) == {**lost, ids[0]: [(32, "shutting-down")]}
+    assert volume() == ("in-use", [(ids[0], "attached")])  # the NC may still use it
 
     old = {
         n: wait_until(lambda n=n: cc_service_pid(ha_cloud, n), what=f"{n}'s cc") for n in ("node-a", "node-b")
@@ -501,6 +539,35 @@ def test_instances_of_a_dead_nc_are_lost_also_for_a_cold_cc(ha_cloud: Cloud) -> 
         return view["instances"] == [] and view["nodes"] == {f"node-c.nc.{ZONE}": "lost"}
 
     wait_until(cold, timeout=60, what="a cold CC ENABLED")
-    assert listed(ec2) == lost
+    assert listed(ec2) == {**lost, ids[0]: [(32, "shutting-down")]}
+    # This CC never saw ids[1]: it answers "terminated", which no NC said.
+    assert terminate(ids[1]) == [(96, "lost", 32, "shutting-down")]
+    assert listed(ec2) == {
+        ids[0]: [(32, "shutting-down")],
+        ids[1]: [(32, "shutting-down")],
+        ids[2]: [(96, "lost")],
+    }
+    assert volume() == ("in-use", [(ids[0], "attached")])
+    # A detach cannot reach the NC either: "detaching", the volume is not freed behind the NC.
+    assert ec2.detach_volume(VolumeId=kept)["State"] == "detaching"
+    assert volume() == ("in-use", [(ids[0], "detaching")])
+    with pytest.raises(ClientError) as e:
+        ec2.delete_volume(VolumeId=kept)
+    assert code(e) == "VolumeInUse"
+    assert {i: proc_start_ticks(pids[i]) for i in ids} == ticks  # every placeholder lives on
+
     run_cli("up", "--dir", str(ha_cloud.root), "--node", "node-c")
-    wait_until(lambda: listed(ec2) == {i: [(16, "running")] for i in ids}, timeout=60, what="running again")
+    after = {ids[0]: [(48, "terminated")], ids[1]: [(48, "terminated")], ids[2]: [(16, "running")]}
+    wait_until(
+        lambda: listed(ec2) == after, timeout=60, what="terminated by the reconciler, the rest running"
+    )
+    assert {i: proc_start_ticks(pids[i]) == ticks[i] for i in ids} == {
+        ids[0]: False,
+        ids[1]: False,
+        ids[2]: True,
+    }
+    assert placeholders(ha_cloud.root) == {ids[2]: pids[ids[2]]}
+    assert volume() == ("available", [])
+    # 8 cores on the NC: 7 t1.micro fit only if the two terminated ones gave theirs back.
+    more = ec2.run_instances(ImageId=IMAGE, MinCount=7, MaxCount=7, InstanceType="t1.micro")["Instances"]
+    assert len(more) == 7

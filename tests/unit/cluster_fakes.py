@@ -4,8 +4,10 @@
   ops as the next change record, as the node does once every in-sync backup has them.
 - `FakeCC`: the CC's bus methods (docs/cluster-api.md) over an in-memory cluster with a fixed
   number of instance slots on one NC ``nc-1``; `down` makes every call fail as an unreachable
-  group does; `nc_lost` makes the NC stop answering (its instances are reported ``lost``), and
-  `restart_cold` stands for a CC enabled afresh, whose view has no instance of a lost NC.
+  group does; `nc_lost` makes the NC stop answering (its instances are reported ``lost``, a
+  terminate or attach/detach cannot reach them), `restart_cold` stands for a CC enabled afresh,
+  whose view has no instance of a lost NC (the NC still runs them), `nc_back` for the NC
+  answering again with every instance it ran, and `deregister_nc` for the operator removing it.
 - `Bus`: routes `call(type, zone, method, body)` to a `FakeCC` or a real `Sc` component, and
   answers `resolve(group)` (which groups have an ENABLED instance) like `Node.resolve`.
 """
@@ -74,11 +76,31 @@ class FakeCC:
         self.calls: list[tuple[str, Any]] = []
         self.down = False
         self.nc_lost = False
+        self.nc_gone = False
+        self.unseen: dict[str, dict[str, Any]] = {}
+        """Instances the NC runs that a cold CC never saw (back in the view with `nc_back`)."""
 
     def restart_cold(self) -> None:
         """A new CC: it knows what the NC answers, nothing if the NC is lost (`scheduler.rebuild`)."""
         if self.nc_lost:
+            self.unseen.update(self.instances)
             self.instances.clear()
+
+    def deregister_nc(self) -> None:
+        """The operator deregisters the lost NC: the CC forgets it and every instance on it."""
+        self.instances.clear()
+        self.unseen.clear()
+        self.nc_gone = True
+
+    def nc_back(self) -> None:
+        """The NC answers again: the CC's next poll sees every instance it runs."""
+        self.nc_lost = False
+        for iid, inst in self.unseen.items():
+            self.instances.setdefault(iid, inst)
+        self.unseen.clear()
+
+    def _nodes(self) -> dict[str, str]:
+        return {} if self.nc_gone else {"nc-1": "lost" if self.nc_lost else "up"}
 
     def _running(self) -> int:
         return sum(1 for i in self.instances.values() if i["state"] != "terminated")
@@ -89,6 +111,8 @@ class FakeCC:
         self.calls.append((method, body))
         if method == "cc.run_instances":
             new = [i for i in body["instances"] if i["instance_id"] not in self.instances]
+            if new and self.nc_lost:
+                raise RequestError("InsufficientInstanceCapacity", "no NC of cluster c1 is up")
             if self._running() + len(new) > self.slots:
                 raise RequestError("InsufficientInstanceCapacity", "not enough free cores in cluster c1")
             for i in new:
@@ -115,21 +139,31 @@ class FakeCC:
                     for k, i in self.instances.items()
                     if ids is None or k in ids
                 ],
-                "nodes": {"nc-1": "lost" if self.nc_lost else "up"},
+                "nodes": self._nodes(),
             }
         if method == "cc.terminate_instances":
-            out = []
+            out: list[dict[str, Any]] = []
             for iid in body["instance_ids"]:
                 i = self.instances.get(iid)
-                prev = i["state"] if i else "terminated"
-                if i is not None:
-                    i["state"] = "terminated"
-                out.append({"instance_id": iid, "previous_state": prev, "state": "terminated"})
-            return {"instances": out}
+                if i is None:  # never seen by this CC: reported terminated, without a node
+                    out.append({"instance_id": iid, "previous_state": "terminated", "state": "terminated"})
+                elif self.nc_lost and i["state"] != "terminated":  # cannot be reached
+                    out.append(
+                        {"instance_id": iid, "previous_state": "lost", "state": "lost", "node": "nc-1"}
+                    )
+                else:
+                    prev, i["state"] = i["state"], "terminated"
+                    i["volumes"] = []
+                    out.append(
+                        {"instance_id": iid, "previous_state": prev, "state": "terminated", "node": "nc-1"}
+                    )
+            return {"instances": out, "nodes": self._nodes()}
         if method in ("cc.attach_volume", "cc.detach_volume"):
             i = self.instances.get(body["instance_id"])
             if i is None or i["state"] == "terminated":
                 raise RequestError("InvalidInstanceID.NotFound", f"no instance {body['instance_id']}")
+            if self.nc_lost:
+                raise RequestError("IncorrectState", f"the instance {body['instance_id']} is lost")
             vols = [v for v in i["volumes"] if v["volume_id"] != body["volume_id"]]
             if method == "cc.attach_volume":
                 vols.append({"volume_id": body["volume_id"], "device": body["device"]})

@@ -186,6 +186,13 @@ def test_a_silent_nc_makes_its_instances_lost_and_nothing_else(tmp_path: Path) -
         assert res["instances"][0]["node"] == "nc-0"  # nothing goes to a lost NC
         term = await cc.handle("cc.terminate_instances", {"instance_ids": ["i-2"]}, epoch=1)
         assert term["instances"][0]["state"] == "lost"
+        assert term["nodes"] == {"nc-0": "up", "nc-1": "lost"}
+        # The cold CC never saw i-2: "terminated" without a node, and its NC lost (not a stop).
+        cold_term = await standby.terminate_instances({"instance_ids": ["i-2"]}, 2)
+        assert cold_term["instances"] == [
+            {"instance_id": "i-2", "previous_state": "terminated", "state": "terminated"}
+        ]
+        assert cold_term["nodes"]["nc-1"] == "lost"
         with pytest.raises(CCError, match="IncorrectState"):
             await cc.handle(
                 "cc.attach_volume", {"instance_id": "i-2", "volume_id": "vol-1", "device": "/dev/sdf"}, 1

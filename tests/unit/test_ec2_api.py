@@ -284,10 +284,114 @@ def test_instances_of_a_lost_nc_are_lost_even_for_a_cc_that_never_saw_them(cloud
     cloud.cc.down = True  # no CC view at all: the clc's last known state (the launch's answer)
     assert shown() == dict.fromkeys(ids, (0, "pending"))
     cloud.cc.down = False
-    cloud.cc.nc_lost = False  # the NC answers again with its instances (they lived on)
-    for iid in ids:
-        cloud.cc.instances[iid] = {"instance_id": iid, "state": "running", "node": "nc-1", "volumes": []}
+    cloud.cc.nc_back()  # the NC answers again with its instances (they lived on)
     assert shown() == dict.fromkeys(ids, (16, "running"))
+
+
+def test_terminating_an_instance_of_a_lost_nc_waits_for_the_nc(cloud: Cloud) -> None:
+    """TerminateInstances of a ``lost`` instance: the CC cannot reach its NC, so the clc keeps it
+    ``shutting-down`` (code 32), its volume still attached, also with a CC enabled cold after the
+    NC died (it answers ``terminated`` for an instance it never saw). The NC back, the reconciler
+    terminates them: ``terminated``, the NC no longer runs them, the volume and the capacity are
+    free. The request retried with its request id (a clc failover) answers as the first time."""
+    res = cloud.api("RunInstances", ImageId=DEFAULT_IMAGE_ID, MinCount=2, MaxCount=2)
+    ids = sorted(i["InstanceId"] for i in res["Instances"])
+    vid = cloud.api("CreateVolume", AvailabilityZone=ZONE, Size=1)["VolumeId"]
+    cloud.api("DescribeInstances")  # the fake NC boots them
+    cloud.api("AttachVolume", VolumeId=vid, InstanceId=ids[0], Device="/dev/sdf")
+
+    def shown() -> dict[str, tuple[int, str]]:
+        desc = cloud.api("DescribeInstances")
+        return {
+            i["InstanceId"]: (i["State"]["Code"], i["State"]["Name"])
+            for r in desc["Reservations"]
+            for i in r["Instances"]
+        }
+
+    def states(term: Any) -> list[tuple[str, int, str, int, str]]:
+        return [
+            (
+                t["InstanceId"],
+                t["PreviousState"]["Code"],
+                t["PreviousState"]["Name"],
+                t["CurrentState"]["Code"],
+                t["CurrentState"]["Name"],
+            )
+            for t in term["TerminatingInstances"]
+        ]
+
+    def volume() -> tuple[str, list[tuple[str, str]]]:
+        [v] = cloud.api("DescribeVolumes", VolumeIds=[vid])["Volumes"]
+        return v["State"], [(a["InstanceId"], a["State"]) for a in v["Attachments"]]
+
+    cloud.cc.nc_lost = True
+    term = cloud.api("TerminateInstances", rid="term-0", InstanceIds=[ids[0]])
+    assert states(term) == [(ids[0], 96, "lost", 32, "shutting-down")]
+    assert cloud.cc.instances[ids[0]]["state"] == "running"  # the NC still runs it
+    assert shown() == {ids[0]: (32, "shutting-down"), ids[1]: (96, "lost")}
+    assert volume() == ("in-use", [(ids[0], "attached")])  # the NC may still use it
+    cloud.run(cloud.clc.ec2.reconcile())
+    assert shown() == {ids[0]: (32, "shutting-down"), ids[1]: (96, "lost")}
+    # The same request again (its retry after a clc failover): the same answer, nothing else.
+    assert states(cloud.api("TerminateInstances", rid="term-0", InstanceIds=[ids[0]])) == states(term)
+
+    cloud.cc.restart_cold()  # this CC never saw them: it answers "terminated" (no NC said so)
+    term = cloud.api("TerminateInstances", rid="term-1", InstanceIds=ids)
+    assert states(term) == [
+        (ids[0], 32, "shutting-down", 32, "shutting-down"),
+        (ids[1], 96, "lost", 32, "shutting-down"),
+    ]
+    cloud.run(cloud.clc.ec2.reconcile())
+    assert shown() == dict.fromkeys(ids, (32, "shutting-down"))
+    assert {i: cloud.cc.unseen[i]["state"] for i in ids} == dict.fromkeys(ids, "running")
+    assert volume() == ("in-use", [(ids[0], "attached")])
+    # Detaching it cannot reach the NC either: it stays "detaching", never freed behind the NC.
+    assert cloud.api("DetachVolume", VolumeId=vid)["State"] == "detaching"
+    cloud.run(cloud.clc.ec2.reconcile())
+    assert volume() == ("in-use", [(ids[0], "detaching")])
+    assert code(cloud.api("DeleteVolume", VolumeId=vid)) == "VolumeInUse"
+
+    cloud.cc.nc_back()
+    assert shown() == dict.fromkeys(ids, (32, "shutting-down"))  # running again at the NC
+    assert code(cloud.api("RunInstances", ImageId=DEFAULT_IMAGE_ID, MinCount=4, MaxCount=4)) == (
+        "InsufficientInstanceCapacity"  # they still hold 2 of the 4 slots
+    )
+    cloud.run(cloud.clc.ec2.reconcile())
+    assert {i: cloud.cc.instances[i]["state"] for i in ids} == dict.fromkeys(ids, "terminated")
+    assert shown() == dict.fromkeys(ids, (48, "terminated"))
+    assert volume() == ("available", [])
+    retry = cloud.api("TerminateInstances", rid="term-1", InstanceIds=ids)  # its previous states
+    assert states(retry) == [(i, c, n, 48, "terminated") for i, c, n, _, _ in states(term)]
+    again = cloud.api("TerminateInstances", InstanceIds=ids)  # a new request: terminated already
+    assert states(again) == [(i, 48, "terminated", 48, "terminated") for i in ids]
+    more = cloud.api("RunInstances", ImageId=DEFAULT_IMAGE_ID, MinCount=4, MaxCount=4)
+    assert len(more["Instances"]) == 4  # the capacity is free again
+
+
+def test_a_lost_nc_deregistered_ends_the_terminate_of_its_instances(cloud: Cloud) -> None:
+    """An NC that will never come back: once the operator deregisters it, the CC forgets it, and
+    the reconciler takes the CC's ``terminated`` as final and frees the volume."""
+    iid = cloud.api("RunInstances", ImageId=DEFAULT_IMAGE_ID, MinCount=1, MaxCount=1)["Instances"][0][
+        "InstanceId"
+    ]
+    vid = cloud.api("CreateVolume", AvailabilityZone=ZONE, Size=1)["VolumeId"]
+    cloud.api("DescribeInstances")
+    cloud.api("AttachVolume", VolumeId=vid, InstanceId=iid, Device="/dev/sdf")
+    cloud.cc.nc_lost = True
+
+    def state() -> str:
+        desc = cloud.api("DescribeInstances", InstanceIds=[iid])
+        return str(desc["Reservations"][0]["Instances"][0]["State"]["Name"])
+
+    term = cloud.api("TerminateInstances", InstanceIds=[iid])
+    assert term["TerminatingInstances"][0]["CurrentState"]["Name"] == "shutting-down"
+    cloud.run(cloud.clc.ec2.reconcile())
+    assert state() == "shutting-down"
+    assert cloud.api("DescribeVolumes", VolumeIds=[vid])["Volumes"][0]["State"] == "in-use"
+    cloud.cc.deregister_nc()
+    cloud.run(cloud.clc.ec2.reconcile())
+    assert state() == "terminated"
+    assert cloud.api("DescribeVolumes", VolumeIds=[vid])["Volumes"][0]["State"] == "available"
 
 
 def test_an_instance_missing_from_an_up_nc_keeps_the_clcs_state(cloud: Cloud) -> None:
