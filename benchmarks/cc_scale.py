@@ -135,16 +135,6 @@ def _layout(root: Path) -> local.Layout:
     return local.Layout(root, doc)
 
 
-def eucarc(root: Path) -> dict[str, str]:
-    """The ``export`` lines of DIR/eucarc as a dict."""
-    env: dict[str, str] = {}
-    for line in (root / "eucarc").read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            k, _, v = line[len("export ") :].partition("=")
-            env[k] = v.strip('"')
-    return env
-
-
 @dataclass
 class Poll:
     """One DescribeInstances (or bus call) made during a trial."""
@@ -160,7 +150,7 @@ class Bench:
     def __init__(self, layout: local.Layout) -> None:
         self.layout = layout
         self.token = layout.token()
-        env = eucarc(layout.root)
+        env = local.read_eucarc(layout.root / "eucarc")
         self.ec2 = boto3.session.Session().client(
             "ec2",
             endpoint_url=env["EC2_URL"],

@@ -54,6 +54,7 @@ import boto3
 from botocore.config import Config
 
 from benchmarks._cloud import Cloud, cli, cloud, pct, summary
+from euca_runtime import local
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -103,18 +104,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _eucarc(root: Path) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for line in (root / "eucarc").read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            k, _, v = line[len("export ") :].partition("=")
-            env[k] = v.strip('"')
-    return env
-
-
 def euca_target(name: str, c: Cloud) -> Target:
     c.wait_ha(("walrus", "clc"), timeout=90.0)
-    env = _eucarc(c.root)
+    env = local.read_eucarc(c.root / "eucarc")
     node = c.primary_node("walrus")
     api = c.layout.nodes[node].api
     return Target(

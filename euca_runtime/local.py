@@ -516,6 +516,18 @@ def write_eucarc(layout: Layout, credentials: Mapping[str, Any] | None = None) -
     return path
 
 
+def read_eucarc(path: Path) -> dict[str, str]:
+    """The variables an eucarc sets (this module's, or the eucarc runbook's), as ``source`` would:
+    quotes dropped, and a ``$NAME`` value resolved to the variable set before it."""
+    env: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export ") and "=" in line:
+            name, _, value = line[len("export ") :].partition("=")
+            value = value.strip('"')
+            env[name] = env.get(value[1:], value) if value.startswith("$") else value
+    return env
+
+
 # --------------------------------------------------------------------------- up / down
 
 

@@ -26,6 +26,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from euca_runtime.local import read_eucarc
 from faults.checkers import EC2_RUN, EC2_TERMINATE, IAM_CREATE, IAM_DELETE, S3_DELETE, S3_GET, S3_PUT
 from faults.history import FAILED, OK, UNKNOWN, History, Result
 
@@ -61,11 +62,7 @@ class Endpoints:
         """`ec2`: the EC2 URLs (a deployed cloud's eucarc names none; EC2 is served on every clc
         host's own address, not on the IAM VIP). Default: the eucarc's EC2_URLS, or else the
         IAM URLs with port 8774."""
-        env: dict[str, str] = {}
-        for line in path.read_text().splitlines():
-            m = re.fullmatch(r'export ([A-Z0-9_]+)="?([^"$]*)"?', line.strip())
-            if m:
-                env[m.group(1)] = m.group(2)
+        env = read_eucarc(path)
         iam = env["EUARE_URLS"].split()
         if ec2 is None:
             ec2 = env.get("EC2_URLS", "").split() or [re.sub(r":\d+$", ":8774", u) for u in iam]

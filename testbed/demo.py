@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from euca_runtime.ctl import groups_table
+from euca_runtime.local import read_eucarc
 from testbed import bed as tb
 from testbed.model import STATE_ROOT, TestbedError
 
@@ -56,16 +57,6 @@ def run_playbook(inventories: Sequence[Path | str], playbook: str, *extra: str) 
 def site(inventory: Path, *extra: str, playbook: str = "playbooks/site.yml") -> tuple[int, str]:
     """Run a playbook over the bed's inventory and the demo's topology."""
     return run_playbook([inventory, TOPOLOGY], playbook, *extra)
-
-
-def read_eucarc(path: Path) -> dict[str, str]:
-    """The `export NAME=value` lines of an eucarc."""
-    env: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        m = re.fullmatch(r'export ([A-Z0-9_]+)="?([^"$]*)"?', line.strip())
-        if m:
-            env[m.group(1)] = m.group(2)
-    return env
 
 
 def client(env: dict[str, str], service: str, url: str) -> Any:

@@ -8,6 +8,7 @@ finalizer, even when the test fails, and the finalizer checks that no process is
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -22,7 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import botocore.auth
 import pytest
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 
 from euca_runtime import local
 from euca_runtime.cluster.driver import proc_start_ticks
@@ -338,3 +342,37 @@ def api_target(request: pytest.FixtureRequest) -> ApiTarget:
     for group in ("clc", "walrus"):
         assert cloud.enabled(group, via="node-b") == f"node-a.{group}", "the shared cloud failed over"
     return ApiTarget(cloud, "node-b", ha=True)
+
+
+def eucarc(cloud: Cloud) -> dict[str, str]:
+    """The variables the cloud's eucarc sets (`local.read_eucarc`)."""
+    return local.read_eucarc(cloud.root / "eucarc")
+
+
+class _SkewedClock:
+    """Sign as a client whose clock is `skew` off (mixed into a botocore SigV4 signer)."""
+
+    skew: dt.timedelta
+
+    def add_auth(self, request: AWSRequest) -> None:
+        when = dt.datetime.now(dt.UTC) + self.skew
+        request.context["timestamp"] = when.strftime(botocore.auth.SIGV4_TIMESTAMP)
+        self._modify_request_before_signing(request)
+        sig = self.signature(self.string_to_sign(request, self.canonical_request(request)), request)
+        self._inject_signature_to_request(request, sig)
+
+
+class SkewedSigV4(_SkewedClock, botocore.auth.SigV4Auth):
+    """A Query API (IAM, EC2) SigV4 signer whose clock is `skew` off."""
+
+    def __init__(self, creds: Credentials, skew: dt.timedelta, service: str = "iam") -> None:
+        super().__init__(creds, service, local.REGION)
+        self.skew = skew
+
+
+class SkewedS3SigV4(_SkewedClock, botocore.auth.S3SigV4Auth):
+    """An S3 SigV4 signer whose clock is `skew` off."""
+
+    def __init__(self, creds: Credentials, skew: dt.timedelta) -> None:
+        super().__init__(creds, "s3", local.REGION)
+        self.skew = skew

@@ -28,7 +28,7 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from runtime_harness import Cloud, wait_until
+from runtime_harness import Cloud, eucarc, wait_until
 
 from euca_runtime import local
 
@@ -72,17 +72,6 @@ def _groups(out: str) -> dict[str, str]:
     rows = [line.split() for line in out.strip().splitlines()]
     assert rows and rows[0][:2] == ["GROUP", "ENABLED"], out
     return {row[0]: row[1] for row in rows[1:]}
-
-
-def eucarc_env(cloud: Cloud) -> dict[str, str]:
-    """eucarc's variables, as `source` sets them (the single-URL fallbacks resolved)."""
-    env: dict[str, str] = {}
-    for line in (cloud.root / "eucarc").read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            k, _, v = line[len("export ") :].partition("=")
-            v = v.strip('"')
-            env[k] = env.get(v[1:], v) if v.startswith("$") else v
-    return env
 
 
 def test_aws_cli_users_keys_buckets_objects_survive_kill9(ha_cloud: Cloud, tmp_path: Path) -> None:
@@ -169,7 +158,7 @@ def test_readme_users_keys_buckets_objects_survive_kill9(ha_cloud: Cloud, tmp_pa
     failed_over = _groups(output("eucactl describe-groups", 1))
     assert failed_over["clc"] == "node-b.clc" and failed_over["walrus"] == "node-b.walrus", failed_over
     # The bytes are intact, and alice's new key signs S3 requests on the new primary.
-    env = eucarc_env(ha_cloud)
+    env = eucarc(ha_cloud)
 
     def s3_as(key_id: str, secret: str) -> Any:
         return boto3.client(

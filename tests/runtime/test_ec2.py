@@ -20,22 +20,13 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
-from runtime_harness import Cloud, cc_service_pid, placeholders, run_cli, wait_until
+from runtime_harness import Cloud, cc_service_pid, eucarc, placeholders, run_cli, wait_until
 
 from euca_runtime.cluster.driver import proc_start_ticks
 
 AWS = str(Path(sys.executable).parent / "aws")
 ZONE = "cluster01"
 IMAGE = "emi-00000001"
-
-
-def eucarc(cloud: Cloud) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for line in (cloud.root / "eucarc").read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            k, _, v = line[len("export ") :].partition("=")
-            env[k] = v.strip('"')
-    return env
 
 
 def client(cloud: Cloud, node: str | None = None, *, secret: str | None = None) -> Any:

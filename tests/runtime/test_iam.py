@@ -23,24 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import botocore.auth
 import pytest
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import BotoCoreError, ClientError
-from runtime_harness import KEY_REVOCATION_BOUND, REVOCATION_DEADLINE, ApiTarget, Cloud, http, wait_until
+from runtime_harness import (
+    KEY_REVOCATION_BOUND,
+    REVOCATION_DEADLINE,
+    ApiTarget,
+    Cloud,
+    SkewedSigV4,
+    eucarc,
+    http,
+    wait_until,
+)
 
 REGION = "eucalyptus"
-
-
-def eucarc(cloud: Cloud) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for line in (cloud.root / "eucarc").read_text().splitlines():
-        if line.startswith("export "):
-            k, _, v = line[len("export ") :].partition("=")
-            env[k] = v.strip('"')
-    return env
 
 
 def client(url: str, key: str, secret: str, attempts: int = 1, read_timeout: float = 30.0) -> Any:
@@ -82,21 +81,6 @@ def raw_post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
-
-
-class SkewedSigV4(botocore.auth.SigV4Auth):
-    """A SigV4 signer whose clock is `skew` off (a client with a wrong clock)."""
-
-    def __init__(self, creds: Credentials, skew: dt.timedelta) -> None:
-        super().__init__(creds, "iam", REGION)
-        self.skew = skew
-
-    def add_auth(self, request: AWSRequest) -> None:
-        when = dt.datetime.now(dt.UTC) + self.skew
-        request.context["timestamp"] = when.strftime(botocore.auth.SIGV4_TIMESTAMP)
-        self._modify_request_before_signing(request)
-        sig = self.signature(self.string_to_sign(request, self.canonical_request(request)), request)
-        self._inject_signature_to_request(request, sig)
 
 
 def test_iam_operations_errors_cli_and_secrets(api_target: ApiTarget) -> None:

@@ -25,26 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import botocore.auth
 import pytest
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
-from runtime_harness import REVOCATION_DEADLINE, ApiTarget, Cloud, run_cli, wait_until
+from runtime_harness import REVOCATION_DEADLINE, ApiTarget, Cloud, SkewedS3SigV4, eucarc, run_cli, wait_until
 
 AWS = str(Path(sys.executable).parent / "aws")
 MiB = 1024 * 1024
-
-
-def eucarc(cloud: Cloud) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for line in (cloud.root / "eucarc").read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            k, _, v = line[len("export ") :].partition("=")
-            env[k] = v.strip('"')
-    return env
 
 
 def client(
@@ -434,21 +424,6 @@ def test_authentication_errors(api_target: ApiTarget) -> None:
         wait_until(lambda c=c: revoked(c), timeout=REVOCATION_DEADLINE, what=f"S3 to refuse the {what} key")
     iam.delete_access_key(UserName="s3-revoked", AccessKeyId=k_inactive["AccessKeyId"])
     iam.delete_user(UserName="s3-revoked")
-
-
-class SkewedS3SigV4(S3SigV4Auth):
-    """An S3 SigV4 signer whose clock is `skew` off (a client with a wrong clock)."""
-
-    def __init__(self, creds: Credentials, skew: dt.timedelta) -> None:
-        super().__init__(creds, "s3", "eucalyptus")
-        self.skew = skew
-
-    def add_auth(self, request: AWSRequest) -> None:
-        when = dt.datetime.now(dt.UTC) + self.skew
-        request.context["timestamp"] = when.strftime(botocore.auth.SIGV4_TIMESTAMP)
-        self._modify_request_before_signing(request)
-        sig = self.signature(self.string_to_sign(request, self.canonical_request(request)), request)
-        self._inject_signature_to_request(request, sig)
 
 
 def test_aws_cli_round_trip(single_cloud: Cloud, tmp_path: Path) -> None:
