@@ -294,8 +294,7 @@ class CCService:
         if ids is not None:
             wanted = set(ids)
             insts = {k: v for k, v in insts.items() if k in wanted}
-        nodes = {name: n.state for name, n in sorted(self.view.nodes.items())}
-        return {"instances": [insts[k] for k in sorted(insts)], "nodes": nodes}
+        return {"instances": [insts[k] for k in sorted(insts)], "nodes": self._node_states()}
 
     async def run_instances(self, body: Mapping[str, Any], epoch: int) -> dict[str, Any]:
         items = body.get("instances")
@@ -427,8 +426,11 @@ class CCService:
             if not res.get("unknown"):
                 self._note(node, res)
             out.append({"instance_id": iid, "previous_state": prev, "state": res.get("state"), "node": node})
-        nodes = {name: n.state for name, n in sorted(self.view.nodes.items())}
-        return {"instances": out, "nodes": nodes}
+        return {"instances": out, "nodes": self._node_states()}
+
+    def _node_states(self) -> dict[str, str]:
+        """Every NC of the view and its state (``up`` or ``lost``), as the answers carry them."""
+        return {name: n.state for name, n in sorted(self.view.nodes.items())}
 
     async def volume(self, name: str, body: Mapping[str, Any], epoch: int) -> dict[str, Any]:
         iid = _field(body, "instance_id")

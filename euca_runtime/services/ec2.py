@@ -272,10 +272,8 @@ class Ec2:
         """The `result` request `rid` recorded when it took effect as `action` (None: none)."""
         from euca_runtime.services.clc import CLC_REQUESTS
 
-        row = CLC_REQUESTS.row(self._cache(), rid)
-        if row is None or row["action"] != action:
-            return None
-        return row["result"]  # type: ignore[no-any-return]
+        row = CLC_REQUESTS.row(self._cache(), rid, action)
+        return None if row is None else row["result"]
 
     def _deleted_by(self, rid: str, table: str, key: str) -> bool:
         """Whether the record `key` is gone and request `rid` deleted it: the request's retry

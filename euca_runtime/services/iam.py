@@ -415,10 +415,7 @@ class Identity:
         ``action`` is `action` or ``<action> <detail>``)."""
         from euca_runtime.services.clc import CLC_REQUESTS
 
-        row = CLC_REQUESTS.row(self._cache(), request_id)
-        if row is None or action is None:
-            return row
-        return row if str(row["action"]).split(" ", 1)[0] == action else None
+        return CLC_REQUESTS.row(self._cache(), request_id, action)
 
     def _done_ops(
         self, request_id: str, action: str, now: float | None = None, result: str | None = None

@@ -433,8 +433,7 @@ class Walrus(Component):
         (`euca_runtime.store.requests`)."""
         cache = self.ctx.cache
         assert cache is not None
-        row = WALRUS_REQUESTS.row(cache, body.get("request_id"))
-        return row if row is not None and row["action"] == action else None
+        return WALRUS_REQUESTS.row(cache, body.get("request_id"), action)
 
     def _done_ops(
         self, body: Mapping[str, Any], action: str, now: float | None = None, result: str | None = None

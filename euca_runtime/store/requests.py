@@ -74,10 +74,16 @@ class DoneRequests:
     def __init__(self, table: str) -> None:
         self.table = table
 
-    def row(self, cache: _Cache, request_id: str | None) -> Mapping[str, Any] | None:
+    def row(
+        self, cache: _Cache, request_id: str | None, action: str | None = None
+    ) -> Mapping[str, Any] | None:
         """The done row of the request with this id (``request_id, action, created_ts,
-        result``), or None if no request with this id took effect (or it had no id)."""
-        return cache.get(self.table, request_id) if request_id else None
+        result``), or None if no request with this id took effect (or it had no id). With
+        `action`, only a row of that action (its ``action`` is `action` or ``<action> <detail>``)."""
+        row = cache.get(self.table, request_id) if request_id else None
+        if row is None or action is None:
+            return row
+        return row if str(row["action"]).split(" ", 1)[0] == action else None
 
     def done(self, cache: _Cache, request_id: str | None) -> bool:
         """Whether a request with this id already took effect."""
